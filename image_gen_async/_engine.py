@@ -1,0 +1,529 @@
+"""The engine: all I/O. Sends, classifies answers, retries, polls, resolves handles.
+
+It never looks inside a provider's JSON: the codecs read it. What it decides is
+when to send, what may be retried, and when a create is ambiguous.
+
+Never pay twice: a create is retried only when the provider cannot have made the
+task (no connection was ever made, a 429, a 503 without a task id). Anything else
+that leaves the outcome unknown raises ``SubmitUncertainError``. Polls are
+retried freely, with jittered exponential backoff or the server's ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+import attrs
+import backoff
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from ._handle import TaskHandle
+from ._polling import DurationLearner, PollSettings, next_delay
+from ._ratelimit import RateLimiter, Ticket
+from .errors import (
+    ConfigurationError,
+    ContentPolicyError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+    SubmitUncertainError,
+    TaskFailedError,
+    TaskTimeoutError,
+    TransportError,
+    api_error,
+)
+from .models import TaskResult, TaskStatus
+from .providers import Codec, HttpRequest, Snapshot
+
+log = logging.getLogger("image_gen_async")
+T = TypeVar("T")
+
+USER_AGENT = "image-gen-async/0.1"
+# A status answer larger than this is not an API answer.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+_NOT_JSON = object()
+# How much less than "done at the first poll" a job is taken to have lasted (see observed_duration).
+CENSORED_SHRINK = 0.9
+
+
+class Secret:
+    """An API key that never shows itself in a repr, a log line or an exception."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def reveal(self) -> str:
+        """The key itself, for the Authorization header only."""
+        return self._value
+
+
+@attrs.frozen
+class EngineSettings:
+    """Timeouts and retry limits shared by every client of a session."""
+
+    pool_size: int = 100
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    sync_timeout: float = 300.0
+    task_timeout: float = 3600.0
+    create_retries: int = 4
+    poll_retries: int = 6
+    retry_base: float = 0.5
+    retry_cap: float = 20.0
+    polling: PollSettings = attrs.Factory(PollSettings)
+
+
+@attrs.define(eq=False)
+class Target:
+    """One configured provider client: its codec, origin, key and create limiter."""
+
+    name: str
+    codec: Codec
+    origin: URL
+    key: Secret | None
+    limiter: RateLimiter
+
+    def url(self, path: str) -> URL:
+        return URL(str(self.origin).rstrip("/") + path, encoded=True)
+
+    def same_origin_path(self, url: str) -> str | None:
+        """The path of ``url`` when it lies on this client's origin, else None."""
+        base = str(self.origin).rstrip("/")
+        try:
+            candidate = str(URL(url))
+        except (ValueError, TypeError):
+            return None
+        if candidate.startswith(base + "/"):
+            return candidate[len(base) :]
+        return None
+
+
+@attrs.frozen
+class Answer:
+    """An HTTP answer, body still undecoded."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    raw: bytes
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """``Retry-After`` as seconds: a number or an HTTP date; None if absent or unreadable."""
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def decode(codec: Codec, answer: Answer) -> Any:
+    """The answer's JSON, or the error it carries, raised as the matching ``APIError``."""
+    try:
+        body: Any = json.loads(answer.raw)
+    except (ValueError, UnicodeDecodeError):
+        body = _NOT_JSON
+    if body is _NOT_JSON:
+        if answer.status < 400:
+            snippet = answer.raw[:80].decode("utf-8", "replace")
+            raise ProtocolError(
+                f"{codec.name}: answer is not JSON (HTTP {answer.status}): {snippet!r}",
+                field="$",
+                transient=True,
+            )
+        report = codec.error_of(answer.status, None)
+    else:
+        report = codec.error_of(answer.status, body)
+    if report is not None:
+        raise api_error(
+            report.status,
+            report.code,
+            report.message,
+            provider=codec.name,
+            retry_after=retry_after_seconds(answer.headers),
+        )
+    return body
+
+
+def retry_waits(base: float, cap: float) -> Generator[float, Any, None]:
+    """Backoff waits: the server's ``Retry-After`` when given, else full-jitter exponential."""
+    error = yield 0.0
+    ceiling = base
+    while True:
+        hint = getattr(error, "retry_after", None)
+        delay = min(hint, cap) if isinstance(hint, int | float) else random.uniform(0, ceiling)
+        ceiling = min(cap, ceiling * 2)
+        error = yield delay
+
+
+def _is_poll_retryable(error: BaseException) -> bool:
+    if isinstance(error, aiohttp.ClientSSLError):
+        return False
+    if isinstance(error, ProtocolError):
+        return error.transient
+    return isinstance(error, aiohttp.ClientError | TimeoutError | RateLimitError | ServerError)
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+class Engine:
+    """Owns the one aiohttp session, the duration learner and the running poll loops."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.learner = DurationLearner(settings.polling.history)
+        self._http: aiohttp.ClientSession | None = None
+        self._pollers: dict[asyncio.Task[None], TaskHandle] = {}
+        self.closed = False
+
+    def http(self) -> aiohttp.ClientSession:
+        """The shared aiohttp session, made on first use inside the running loop."""
+        if self.closed:
+            raise ConfigurationError("the session is closed; open a new AsyncSession")
+        if self._http is None:
+            s = self.settings
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0),
+                # Bound connecting and reading, not the whole call: the wait for a pooled
+                # connection must not count as a connect timeout.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout
+                ),
+                headers={"User-Agent": USER_AGENT},
+                trace_configs=[_stamp_tickets()],
+            )
+        return self._http
+
+    async def close(self) -> None:
+        """Stop every poll loop and close the connection pool."""
+        self.closed = True
+        pollers = dict(self._pollers)
+        for task in pollers:
+            task.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        for handle in pollers.values():
+            handle.fail(
+                ConfigurationError(
+                    f"session closed while waiting for {handle.provider} task {handle.task_id}; "
+                    "it may still finish: client.resume() picks it up"
+                )
+            )
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def send(
+        self,
+        target: Target,
+        request: HttpRequest,
+        *,
+        read_timeout: float | None = None,
+        ticket: Ticket | None = None,
+    ) -> Answer:
+        """One HTTP exchange with the target's origin, credentials attached, body read (capped)."""
+        headers = {"Accept": "application/json"}
+        if target.key is not None:
+            headers["Authorization"] = f"Bearer {target.key.reveal()}"
+        data = None
+        if request.json is not None:
+            data = json.dumps(request.json, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        options: dict[str, Any] = {}
+        if read_timeout is not None:
+            options["timeout"] = aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=self.settings.connect_timeout, sock_read=read_timeout
+            )
+        started = time.monotonic()
+        # No redirects: following one could carry the key to another origin.
+        async with self.http().request(
+            request.method,
+            target.url(request.path),
+            params=dict(request.params) or None,
+            data=data,
+            headers=headers,
+            allow_redirects=False,
+            trace_request_ctx=ticket,
+            **options,
+        ) as response:
+            raw = await _read_capped(response, target.name)
+        log.debug(
+            "%s %s %s -> %d in %.1f ms",
+            target.name,
+            request.method,
+            request.path,
+            response.status,
+            (time.monotonic() - started) * 1000,
+        )
+        return Answer(response.status, response.headers, raw)
+
+    async def create(
+        self, target: Target, model: str, request: HttpRequest, *, read_timeout: float | None = None
+    ) -> tuple[Snapshot, int]:
+        """Send a create, retrying only what cannot have made a task; the snapshot and retries."""
+        codec = target.codec
+        retries = 0
+
+        def uncertain(reason: str, error: BaseException, task_id: str | None = None) -> SubmitUncertainError:
+            return SubmitUncertainError(
+                f"create may have reached the provider: {reason}: {_describe(error)}",
+                provider=target.name,
+                model=model,
+                task_id=task_id,
+                request_body=request.json,
+            )
+
+        async def once() -> Snapshot:
+            ticket = await target.limiter.acquire()
+            try:
+                answer = await self.send(target, request, read_timeout=read_timeout, ticket=ticket)
+            except aiohttp.ClientConnectorError:
+                raise  # no connection was made: nothing reached the provider
+            except (aiohttp.ClientError, TimeoutError, ProtocolError) as error:
+                raise uncertain("no complete answer came back", error) from error
+            try:
+                body = decode(codec, answer)
+            except RateLimitError as error:
+                target.limiter.penalize(error.retry_after)
+                raise
+            except ServerError as error:
+                task_id = codec.task_id_of(_json_or_none(answer.raw))
+                if error.status == 503 and task_id is None:
+                    raise  # the provider refused before making a task
+                raise uncertain("the provider answered with a server error", error, task_id) from error
+            except ProtocolError as error:
+                raise uncertain("the answer could not be read", error) from error
+            try:
+                snapshot = codec.read_submit(model, body)
+            except ProtocolError as error:
+                raise uncertain("the answer could not be read", error, codec.task_id_of(body)) from error
+            target.limiter.reward()
+            return snapshot
+
+        def on_retry(tries: int, wait: float, error: BaseException) -> None:
+            nonlocal retries
+            retries += 1
+            log.warning("%s create retry %d in %.2f s: %s", target.name, tries, wait, _describe(error))
+
+        snapshot = await self.retrying(
+            once,
+            retryable=(aiohttp.ClientConnectorError, RateLimitError, ServerError),
+            giveup=lambda error: isinstance(error, aiohttp.ClientSSLError),
+            tries=self.settings.create_retries + 1,
+            on_retry=on_retry,
+            what=f"{target.name} create",
+        )
+        return snapshot, retries
+
+    async def poll(
+        self, target: Target, handle: TaskHandle, request: HttpRequest, deadline: float
+    ) -> Snapshot:
+        """One status read, retried on transient failures until the handle's deadline."""
+        codec = target.codec
+
+        def on_retry(tries: int, wait: float, error: BaseException) -> None:
+            handle.retries += 1
+            log.warning(
+                "%s poll of %s retry %d in %.2f s: %s",
+                target.name,
+                handle.task_id,
+                tries,
+                wait,
+                _describe(error),
+            )
+
+        async def once() -> Snapshot:
+            answer = await self.send(target, request)
+            return codec.read_poll(handle.task_id, handle.model, decode(codec, answer))
+
+        return await self.retrying(
+            once,
+            retryable=(Exception,),
+            giveup=lambda error: not _is_poll_retryable(error),
+            tries=self.settings.poll_retries + 1,
+            max_time=max(0.0, deadline - time.monotonic()),
+            on_retry=on_retry,
+            what=f"{target.name} poll of {handle.task_id}",
+        )
+
+    async def retrying(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        retryable: tuple[type[Exception], ...],
+        giveup: Callable[[BaseException], bool],
+        tries: int,
+        on_retry: Callable[[int, float, BaseException], None],
+        what: str,
+        max_time: float | None = None,
+    ) -> T:
+        """Run ``call`` under ``backoff``; a transport failure left at the end is a ``TransportError``.
+
+        Only ``Exception`` subclasses are ever retried, so cancellation always propagates.
+        """
+        outcome: list[T] = []
+        try:
+            async for attempt in backoff.aretry_context(
+                retryable,
+                retry_waits,
+                max_tries=tries,
+                max_time=max_time,
+                jitter=None,
+                giveup=giveup,
+                on_backoff=lambda details: on_retry(details["tries"], details["wait"], details["exception"]),
+                logger=None,
+                base=self.settings.retry_base,
+                cap=self.settings.retry_cap,
+            ):
+                with attempt:
+                    outcome.append(await call())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TransportError(f"{what} failed: {_describe(error)}") from error
+        return outcome[0]
+
+    def start(self, target: Target, handle: TaskHandle, snapshot: Snapshot, timeout: float | None) -> None:
+        """Follow an accepted task to its end in the background."""
+        poller = asyncio.get_running_loop().create_task(
+            self.follow(target, handle, snapshot, timeout),
+            name=f"image_gen_async poll {target.name} {handle.task_id}",
+        )
+        handle._poller = poller
+        self._pollers[poller] = handle
+        poller.add_done_callback(self._forget)
+
+    def _forget(self, poller: asyncio.Task[None]) -> None:
+        self._pollers.pop(poller, None)
+
+    async def follow(
+        self, target: Target, handle: TaskHandle, snapshot: Snapshot, timeout: float | None
+    ) -> None:
+        """The poll loop: sleep on the learned schedule, poll, until terminal or the deadline."""
+        settings = self.settings.polling
+        started = time.monotonic()
+        deadline = started + (self.settings.task_timeout if timeout is None else timeout)
+        key = (target.name, handle.model)
+        request = self.poll_request(target, handle, snapshot.poll_url)
+        last_pending = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TaskTimeoutError(
+                        f"{target.name} task {handle.task_id} not finished after "
+                        f"{now - started:.1f} s ({handle.polls} polls); it may still finish",
+                        task_id=handle.task_id,
+                        provider=target.name,
+                    )
+                lower = self.learner.lower_bound(key, handle.estimated_duration)
+                delay = next_delay(now - started, lower, settings)
+                await asyncio.sleep(min(delay, deadline - now))
+                snapshot = await self.poll(target, handle, request, deadline)
+                handle.polls += 1
+                handle.observe(snapshot.status)
+                if snapshot.result is not None:
+                    done = time.monotonic() - started
+                    self.finish(target, handle, snapshot.result, observed_duration(last_pending, done))
+                    return
+                last_pending = time.monotonic() - started
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # every failure ends on the handle, never in a lost task
+            handle.fail(error)
+
+    def poll_request(self, target: Target, handle: TaskHandle, poll_url: str | None) -> HttpRequest:
+        """The codec's status call, or the server's own poll URL when it is on our origin."""
+        if poll_url:
+            path = target.same_origin_path(poll_url)
+            if path is not None:
+                return HttpRequest("GET", path)
+            log.warning(
+                "%s task %s: ignoring poll URL on another origin; polling %s instead",
+                target.name,
+                handle.task_id,
+                target.origin,
+            )
+        return target.codec.poll_request(handle.task_id, handle.model)
+
+    def finish(self, target: Target, handle: TaskHandle, result: TaskResult, duration: float | None) -> None:
+        """Resolve a handle from a terminal result, learning from a completed job's duration."""
+        if result.status is TaskStatus.COMPLETED:
+            if duration is not None:
+                self.learner.record((target.name, handle.model), duration, handle.estimated_duration)
+            handle.resolve(result)
+        else:
+            handle.fail(failure_error(target.codec, result))
+
+
+def observed_duration(last_pending: float, done: float) -> float:
+    """What a job took, judged from the last poll that saw it running and the one that saw it done.
+
+    Done at the first poll says only "at most ``done``": learn a little less than that, so
+    the next job's first poll comes slightly earlier and the schedule finds the true
+    duration from above instead of staying late forever.
+    """
+    if last_pending <= 0:
+        return done * CENSORED_SHRINK
+    return (last_pending + done) / 2
+
+
+def failure_error(codec: Codec, result: TaskResult) -> TaskFailedError:
+    """The error for a failed task: ``ContentPolicyError`` when the safety check stopped it."""
+    return ContentPolicyError(result) if codec.content_policy(result) else TaskFailedError(result)
+
+
+def _stamp_tickets() -> aiohttp.TraceConfig:
+    """Stamp a create's rate-limit ticket when its headers are written, not when released."""
+
+    async def on_headers_sent(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestHeadersSentParams
+    ) -> None:
+        ticket = context.trace_request_ctx
+        if isinstance(ticket, Ticket):
+            ticket.sent()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(on_headers_sent)
+    return trace
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+async def _read_capped(response: aiohttp.ClientResponse, provider: str) -> bytes:
+    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
+        raise ProtocolError(f"{provider}: answer of {response.content_length} bytes is too large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise ProtocolError(f"{provider}: answer larger than {MAX_ANSWER_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

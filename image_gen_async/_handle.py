@@ -1,0 +1,134 @@
+"""TaskHandle: one accepted job, awaitable any number of times.
+
+A handle is small (slots, one future) and does no waiting of its own: the engine's
+poll loop (or, later, a webhook) resolves it. Awaiting goes through a shield, so a
+caller's timeout or cancellation (``asyncio.wait_for``, a cancelled ``gather``)
+never stops the job: only ``handle.cancel()`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+from .errors import TaskFailedError
+from .models import TaskResult, TaskStatus
+
+log = logging.getLogger("image_gen_async")
+
+
+def _mark_retrieved(future: asyncio.Future[TaskResult]) -> None:
+    # A handle's error is its owner's to read; asyncio need not warn when they never do.
+    if not future.cancelled():
+        future.exception()
+
+
+class TaskHandle:
+    """A job the provider has accepted: its id, live status and, once done, its result."""
+
+    __slots__ = (
+        "__weakref__",
+        "_future",
+        "_poller",
+        "estimated_duration",
+        "finished_at",
+        "model",
+        "polls",
+        "provider",
+        "retries",
+        "status",
+        "submitted_at",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        provider: str,
+        model: str,
+        status: TaskStatus = TaskStatus.QUEUED,
+        estimated_duration: float | None = None,
+        retries: int = 0,
+    ) -> None:
+        self.task_id = task_id
+        self.provider = provider
+        self.model = model
+        self.status = status
+        self.estimated_duration = estimated_duration
+        self.polls = 0
+        self.retries = retries
+        self.submitted_at = time.time()
+        self.finished_at: float | None = None
+        self._future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
+        self._future.add_done_callback(_mark_retrieved)
+        self._poller: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<TaskHandle {self.provider} {self.task_id} {self.model} {self.status.value} polls={self.polls}>"
+        )
+
+    def __await__(self) -> Generator[Any, None, TaskResult]:
+        return asyncio.shield(self._future).__await__()
+
+    def done(self) -> bool:
+        """True once the task finished, failed, timed out or was cancelled."""
+        return self._future.done()
+
+    def cancelled(self) -> bool:
+        """True if ``cancel()`` stopped the waiting."""
+        return self._future.cancelled()
+
+    def result(self) -> TaskResult:
+        """The result; raises the task's error, or ``InvalidStateError`` if not done yet."""
+        return self._future.result()
+
+    def exception(self) -> BaseException | None:
+        """The error the task ended with, if any (``InvalidStateError`` if not done yet)."""
+        return self._future.exception()
+
+    def cancel(self) -> bool:
+        """Stop waiting and polling. Nothing is sent to the provider and nothing resubmitted."""
+        if self._poller is not None:
+            self._poller.cancel()
+        cancelled = self._future.cancel()
+        if cancelled:
+            self.finished_at = time.time()
+            log.info("%s task %s: waiting cancelled", self.provider, self.task_id)
+        return cancelled
+
+    async def wait(self, timeout: float | None = None) -> TaskResult:
+        """Await the result for at most ``timeout`` seconds; on timeout the job keeps going."""
+        return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+
+    def add_done_callback(self, callback: Callable[[TaskHandle], object]) -> None:
+        """Call ``callback(handle)`` once the handle is done (at once if it already is)."""
+        self._future.add_done_callback(lambda _: callback(self))
+
+    # Engine side.
+
+    def observe(self, status: TaskStatus) -> None:
+        """Record the status seen on the wire, logging changes."""
+        if status is not self.status:
+            log.info("%s task %s: %s -> %s", self.provider, self.task_id, self.status.value, status.value)
+            self.status = status
+
+    def resolve(self, result: TaskResult) -> None:
+        """Finish with the provider's final answer (first answer wins)."""
+        if not self._future.done():
+            self.observe(result.status)
+            self.finished_at = time.time()
+            self._future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        """Finish with an error (first answer wins)."""
+        if not self._future.done():
+            if isinstance(error, TaskFailedError):
+                self.observe(TaskStatus.FAILED)
+            self.finished_at = time.time()
+            self._future.set_exception(error)
+            log.info("%s task %s: ended with %s", self.provider, self.task_id, type(error).__name__)

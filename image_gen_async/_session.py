@@ -1,0 +1,284 @@
+"""AsyncSession and ProviderClient: configuration, and the calls users make."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from yarl import URL
+
+from ._engine import Engine, EngineSettings, Secret, Target
+from ._handle import TaskHandle
+from ._polling import PollSettings
+from ._ratelimit import RateLimiter
+from .errors import ConfigurationError
+from .models import TaskResult, TaskStatus
+from .providers import CODECS, FALLBACK_CLIENT, Snapshot
+
+
+class ProviderClient:
+    """One provider API within a session: ``submit``, ``generate`` and ``resume``."""
+
+    def __init__(self, session: AsyncSession, target: Target) -> None:
+        self._session = session
+        self._target = target
+
+    @property
+    def name(self) -> str:
+        """The client name (``get3w``, ``get3w_v3``, ``dh3``, ``nananobanana``)."""
+        return self._target.name
+
+    @property
+    def base_url(self) -> str:
+        """The origin every request of this client goes to."""
+        return str(self._target.origin)
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The create limiter this client shares with every client using the same key."""
+        return self._target.limiter
+
+    def __repr__(self) -> str:
+        return f"<ProviderClient {self.name} {self.base_url}>"
+
+    def _ready_target(self) -> Target:
+        engine = self._session._engine
+        engine.http()  # raises ConfigurationError once the session is closed
+        if self._target.key is None:
+            raise ConfigurationError(
+                f"no API key for {self.name}: pass api_keys={{'{self.name}': ...}} "
+                f"or set {self._target.codec.env_var}"
+            )
+        return self._target
+
+    async def submit(
+        self,
+        model: str,
+        *,
+        prompt: str,
+        webhook_url: str | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> TaskHandle:
+        """Create a task and return its handle once the provider has accepted it.
+
+        ``params`` are the provider's documented parameters (``aspect_ratio``,
+        ``resolution``, ``output_format``, ``image_urls``, ``seed``, ...); documented
+        limits are checked before anything is sent. ``timeout`` is the handle's deadline
+        in seconds (default: the session's ``task_timeout``).
+        """
+        target = self._ready_target()
+        request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
+        snapshot, retries = await self._session._engine.create(target, model, request)
+        return self._follow(snapshot, model, retries, timeout)
+
+    async def generate(
+        self,
+        model: str,
+        *,
+        prompt: str,
+        webhook_url: str | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> TaskResult:
+        """Submit and wait for the result, using the provider's sync mode where it has one.
+
+        Raises ``TaskFailedError`` (or ``ContentPolicyError``) when the task fails.
+        """
+        target = self._ready_target()
+        engine = self._session._engine
+        sync = target.codec.has_sync_mode and webhook_url is None
+        request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=sync)
+        started = time.monotonic()
+        read_timeout = engine.settings.sync_timeout if sync else None
+        snapshot, retries = await engine.create(target, model, request, read_timeout=read_timeout)
+        handle = self._follow(snapshot, model, retries, timeout, sync_duration=time.monotonic() - started)
+        return await handle
+
+    def resume(
+        self,
+        task_id: str,
+        model: str,
+        *,
+        estimated_duration: float | None = None,
+        timeout: float | None = None,
+    ) -> TaskHandle:
+        """A handle for a task created earlier (e.g. by a process that died): polls, never creates."""
+        self._ready_target()
+        snapshot = Snapshot(task_id, TaskStatus.QUEUED, estimated_duration=estimated_duration)
+        return self._follow(snapshot, model, 0, timeout)
+
+    def _follow(
+        self,
+        snapshot: Snapshot,
+        model: str,
+        retries: int,
+        timeout: float | None,
+        sync_duration: float | None = None,
+    ) -> TaskHandle:
+        target = self._target
+        engine = self._session._engine
+        handle = TaskHandle(
+            task_id=snapshot.task_id,
+            provider=target.name,
+            model=model,
+            status=snapshot.status,
+            estimated_duration=snapshot.estimated_duration,
+            retries=retries,
+        )
+        if snapshot.result is not None:
+            engine.finish(target, handle, snapshot.result, sync_duration)
+        else:
+            engine.start(target, handle, snapshot, timeout)
+        return handle
+
+
+def _key_fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _origin(name: str, value: str) -> URL:
+    try:
+        url = URL(value)
+    except (ValueError, TypeError) as error:
+        raise ConfigurationError(f"base_urls[{name!r}] is not a URL") from error
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(f"base_urls[{name!r}] must be an http(s) origin, got {value!r}")
+    if url.query_string or url.fragment:
+        raise ConfigurationError(f"base_urls[{name!r}] must not carry a query or fragment")
+    return url
+
+
+class AsyncSession:
+    """The entry point: one connection pool, one limiter per provider+key, every client.
+
+    Use as ``async with AsyncSession(...) as session`` (or call ``await session.close()``).
+    Keys come from ``api_keys`` or the environment (``GET3W_API_KEY``, ``DH3_API_KEY``,
+    ``NANANOBANANA_API_KEY``); ``get3w_v3`` borrows ``get3w``'s key and origin.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_keys: Mapping[str, str] | None = None,
+        base_urls: Mapping[str, str] | None = None,
+        rate_limits: Mapping[str, float | None] | None = None,
+        pool_size: int = 100,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        sync_timeout: float = 300.0,
+        task_timeout: float = 3600.0,
+        create_retries: int = 4,
+        poll_retries: int = 6,
+        retry_base: float = 0.5,
+        retry_cap: float = 20.0,
+        polling: PollSettings | None = None,
+        rate_limit_margin: float = 0.025,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        api_keys, base_urls, rate_limits = (
+            dict(api_keys or {}),
+            dict(base_urls or {}),
+            dict(rate_limits or {}),
+        )
+        for label, mapping in (
+            ("api_keys", api_keys),
+            ("base_urls", base_urls),
+            ("rate_limits", rate_limits),
+        ):
+            unknown = sorted(set(mapping) - set(CODECS))
+            if unknown:
+                raise ConfigurationError(
+                    f"{label}: unknown client {unknown[0]!r}; known: {', '.join(CODECS)}"
+                )
+        if pool_size < 1:
+            raise ConfigurationError("pool_size must be at least 1")
+        self._engine = Engine(
+            EngineSettings(
+                pool_size=pool_size,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                sync_timeout=sync_timeout,
+                task_timeout=task_timeout,
+                create_retries=create_retries,
+                poll_retries=poll_retries,
+                retry_base=retry_base,
+                retry_cap=retry_cap,
+                polling=polling or PollSettings(),
+            )
+        )
+        environ = os.environ if env is None else env
+        limiters: dict[tuple[str, str], RateLimiter] = {}
+        self._clients: dict[str, ProviderClient] = {}
+        for name, codec in CODECS.items():
+            fallback = FALLBACK_CLIENT.get(name)
+            key = api_keys.get(name) or (fallback and api_keys.get(fallback)) or environ.get(codec.env_var)
+            origin = base_urls.get(name) or (fallback and base_urls.get(fallback)) or codec.default_base_url
+            rate = rate_limits.get(name, codec.default_rate_limit)
+            if rate is not None and rate <= 0:
+                raise ConfigurationError(f"rate_limits[{name!r}] must be positive or None")
+            # One limiter per client and key: every create this session makes with a key shares it.
+            limiter_key = (name, _key_fingerprint(key) if key else "")
+            limiter = limiters.setdefault(limiter_key, RateLimiter(rate, margin=rate_limit_margin))
+            target = Target(name, codec, _origin(name, origin), Secret(key) if key else None, limiter)
+            self._clients[name] = ProviderClient(self, target)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<AsyncSession {state} clients={sorted(self._clients)}>"
+
+    async def __aenter__(self) -> AsyncSession:
+        self._engine.http()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``: no client can be used any more."""
+        return self._engine.closed
+
+    async def close(self) -> None:
+        """Stop waiting on every handle and close the connection pool.
+
+        Handles still running end with ``ConfigurationError``; their tasks may still
+        finish at the provider and can be picked up with ``client.resume()``.
+        """
+        await self._engine.close()
+
+    def client(self, name: str) -> ProviderClient:
+        """The client called ``name``; ``ConfigurationError`` for an unknown name."""
+        try:
+            return self._clients[name]
+        except KeyError:
+            raise ConfigurationError(f"unknown client {name!r}; known: {', '.join(self._clients)}") from None
+
+    @property
+    def get3w(self) -> ProviderClient:
+        """Get3W's v1 API."""
+        return self._clients["get3w"]
+
+    @property
+    def get3w_v3(self) -> ProviderClient:
+        """Get3W's ``/api/v3`` API."""
+        return self._clients["get3w_v3"]
+
+    @property
+    def dh3(self) -> ProviderClient:
+        """dh3's task API."""
+        return self._clients["dh3"]
+
+    @property
+    def nananobanana(self) -> ProviderClient:
+        """nananobanana's generate API."""
+        return self._clients["nananobanana"]

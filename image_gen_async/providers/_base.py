@@ -1,0 +1,214 @@
+"""What every provider codec is: pure translation between calls and HTTP, no I/O.
+
+A codec builds ``HttpRequest`` values and reads decoded JSON back into
+``Snapshot`` values. The engine does the sending, the waiting and the retrying.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from ..errors import InvalidRequestError, ProtocolError
+from ..models import Output, TaskResult, TaskStatus
+
+
+@attrs.frozen
+class HttpRequest:
+    """One HTTP call to the provider's configured origin; ``path`` starts with ``/``."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] = attrs.field(factory=dict)
+    json: Any = None
+
+
+@attrs.frozen
+class Snapshot:
+    """What one answer says about a task; ``result`` is set once it is terminal."""
+
+    task_id: str
+    status: TaskStatus
+    result: TaskResult | None = None
+    estimated_duration: float | None = None
+    poll_url: str | None = None
+
+
+@attrs.frozen
+class ErrorReport:
+    """An answer that is an error: the HTTP-like status to classify by, the code and text."""
+
+    status: int
+    code: Any
+    message: str
+
+
+# Words seen across providers and their look-alike deployments; each codec adds its own
+# documented words on top, so an independent server's reasonable synonym still parses.
+COMMON_STATUS_WORDS: Mapping[str, TaskStatus] = {
+    **dict.fromkeys(
+        ("created", "queued", "queuing", "queueing", "pending", "waiting", "starting", "submitted"),
+        TaskStatus.QUEUED,
+    ),
+    **dict.fromkeys(("processing", "running", "in_progress", "generating"), TaskStatus.PROCESSING),
+    **dict.fromkeys(
+        ("completed", "complete", "succeeded", "success", "done", "finished"), TaskStatus.COMPLETED
+    ),
+    **dict.fromkeys(
+        ("failed", "fail", "failure", "error", "canceled", "cancelled", "timeout"),
+        TaskStatus.FAILED,
+    ),
+}
+
+_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|\bqps\b|too many requests", re.IGNORECASE)
+_CONTENT_POLICY_WORDS = re.compile(r"safety|nsfw|content.?polic|moderation|inappropriate", re.IGNORECASE)
+
+
+def looks_like_content_policy(message: str | None) -> bool:
+    """True when a failure message says the content-safety check stopped the task."""
+    return bool(message) and bool(_CONTENT_POLICY_WORDS.search(message or ""))
+
+
+def error_report(http_status: int, code: Any, message: Any) -> ErrorReport:
+    """Choose the status an error is classified by: an HTTP-like ``code`` wins over HTTP 200.
+
+    Servers that put errors in the body under HTTP 200 (dh3) get the code's class; a
+    rate-limit message with an odd code still counts as 429, so it is retried.
+    """
+    text = message if isinstance(message, str) else ("" if message is None else str(message))
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        status = code
+    elif http_status >= 400:
+        status = http_status
+    else:
+        status = 400
+    if status != 429 and _RATE_LIMIT_WORDS.search(text):
+        status = 429
+    return ErrorReport(status, code, text)
+
+
+class Codec(abc.ABC):
+    """One provider API: URLs, field names, status words and error bodies."""
+
+    name: ClassVar[str]
+    default_base_url: ClassVar[str]
+    env_var: ClassVar[str]
+    default_rate_limit: ClassVar[float | None] = None
+    has_sync_mode: ClassVar[bool] = False
+    status_words: ClassVar[Mapping[str, TaskStatus]] = {}
+
+    @abc.abstractmethod
+    def submit_request(
+        self,
+        model: str,
+        prompt: str,
+        params: Mapping[str, Any],
+        *,
+        webhook_url: str | None,
+        sync: bool,
+    ) -> HttpRequest:
+        """The create call; raises ``InvalidRequestError`` for a documented limit broken."""
+
+    @abc.abstractmethod
+    def read_submit(self, model: str, body: Any) -> Snapshot:
+        """Read a successful create answer (async: accepted; sync: usually finished)."""
+
+    @abc.abstractmethod
+    def poll_request(self, task_id: str, model: str) -> HttpRequest:
+        """The status call for a task."""
+
+    @abc.abstractmethod
+    def read_poll(self, task_id: str, model: str, body: Any) -> Snapshot:
+        """Read a successful status answer."""
+
+    @abc.abstractmethod
+    def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
+        """The error an answer carries, or None; JSON-level failures count under HTTP 200."""
+
+    def task_id_of(self, body: Any) -> str | None:
+        """Best-effort task id in an error answer (a 503 with one may have made the task)."""
+        if isinstance(body, Mapping):
+            for key in ("id", "task_id", "generationId"):
+                value = body.get(key)
+                if isinstance(value, str) and value:
+                    return value
+            data = body.get("data")
+            if isinstance(data, Mapping):
+                return self.task_id_of(data)
+        return None
+
+    def content_policy(self, result: TaskResult) -> bool:
+        """True when a failed task was stopped by the content-safety check."""
+        return looks_like_content_policy(result.error)
+
+    # Shared helpers for the concrete codecs.
+
+    def status_of(self, word: str, field: str) -> TaskStatus:
+        """Map a provider status word; an unknown one is a ``ProtocolError`` naming the field."""
+        key = word.strip().lower()
+        status = self.status_words.get(key) or COMMON_STATUS_WORDS.get(key)
+        if status is None:
+            raise ProtocolError(f"{self.name}: unknown status {word!r} @ {field}", field=field)
+        return status
+
+    def snapshot(
+        self,
+        *,
+        task_id: str,
+        model: str,
+        status: TaskStatus,
+        raw: Any,
+        outputs: tuple[Output, ...] = (),
+        error: str | None = None,
+        timings: Mapping[str, float | None] | None = None,
+        estimated_duration: float | None = None,
+        poll_url: str | None = None,
+    ) -> Snapshot:
+        """A snapshot, with its ``TaskResult`` filled in once the status is terminal."""
+        result = None
+        if status.terminal:
+            if status is TaskStatus.FAILED and not error:
+                error = "task failed (the provider gave no reason)"
+            result = TaskResult(
+                task_id=task_id,
+                provider=self.name,
+                model=model,
+                status=status,
+                outputs=outputs if status is TaskStatus.COMPLETED else (),
+                error=error if status is TaskStatus.FAILED else None,
+                timings=timings,
+                raw=raw,
+            )
+        return Snapshot(task_id, status, result, estimated_duration, poll_url)
+
+
+def require_prompt(provider: str, prompt: object) -> str:
+    """The prompt must be a non-blank string for every provider."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequestError(f"{provider}: prompt must be a non-empty string")
+    return prompt
+
+
+def merge_params(provider: str, params: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+    """Rename the library's common parameter names to the provider's own wire names.
+
+    Passing both spellings of one parameter is refused rather than guessed.
+    """
+    merged: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        wire = aliases.get(key, key)
+        if wire in merged:
+            raise InvalidRequestError(f"{provider}: parameter {wire!r} given twice (as {key!r})")
+        merged[wire] = value
+    return merged
+
+
+def urls_as_outputs(urls: list[str] | None) -> tuple[Output, ...]:
+    """Outputs known only by URL."""
+    return tuple(Output(url=url) for url in urls or ())

@@ -1,0 +1,147 @@
+"""nananobanana (seed 004, PROVIDERS.md).
+
+- ``POST /api/v1/generate`` ``{prompt, selectedModel, referenceImageUrls, aspectRatio, mode}``.
+  ``submit`` uses ``mode: "async"`` (answer ``{success, async, generationId, ...}``) and
+  polls ``GET /api/v1/generate?id=<generationId>`` (``{data: {processingStatus,
+  outputImageUrls, errorMessage}}``); ``generate`` uses ``mode: "sync"``.
+- status words ``processing | completed | failed``.
+- the content-safety warning (``success: false, warning: true`` under HTTP 200) is a
+  failed task raised as ``ContentPolicyError``; a sync ``success: false`` with an id is
+  a failed task; one without an id is an error.
+- errors carry ``error`` (a string): 400, 401, 402 credits, 403 access, 500, and 503
+  ``server_busy`` (async only, credits refunded: the engine retries it).
+- The library's common names ``image_urls`` and ``aspect_ratio`` are sent as
+  ``referenceImageUrls`` and ``aspectRatio``. No webhook mode exists.
+
+Assumption: a poll answer without the ``data`` wrapper is read from the top level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from ..errors import InvalidRequestError
+from ..models import TaskResult, TaskStatus, structure
+from ._base import (
+    Codec,
+    ErrorReport,
+    HttpRequest,
+    Snapshot,
+    error_report,
+    merge_params,
+    require_prompt,
+    urls_as_outputs,
+)
+
+PARAM_ALIASES = {"image_urls": "referenceImageUrls", "aspect_ratio": "aspectRatio"}
+
+
+@attrs.frozen
+class Generated:
+    """A create answer: async acceptance, sync success, or the safety warning."""
+
+    generationId: str  # the wire names
+    success: bool | None = None
+    imageUrls: list[str] | None = None
+    message: str | None = None
+    error: str | None = None
+    warning: bool | None = None
+
+
+@attrs.frozen
+class Generation:
+    """The polled record."""
+
+    id: str
+    processingStatus: str
+    outputImageUrls: list[str] | None = None
+    errorMessage: str | None = None
+    modelUsed: str | None = None
+
+
+@attrs.frozen
+class PollAnswer:
+    data: Generation
+
+
+class NananobananaCodec(Codec):
+    """nananobanana's generate API."""
+
+    name = "nananobanana"
+    default_base_url = "https://www.nananobanana.com"
+    env_var = "NANANOBANANA_API_KEY"
+    has_sync_mode = True
+    status_words: ClassVar[Mapping[str, TaskStatus]] = {
+        "processing": TaskStatus.PROCESSING,
+        "completed": TaskStatus.COMPLETED,
+        "failed": TaskStatus.FAILED,
+    }
+
+    def submit_request(
+        self,
+        model: str,
+        prompt: str,
+        params: Mapping[str, Any],
+        *,
+        webhook_url: str | None,
+        sync: bool,
+    ) -> HttpRequest:
+        if webhook_url:
+            raise InvalidRequestError("nananobanana has no webhook mode; poll instead")
+        fields = merge_params(self.name, params, PARAM_ALIASES)
+        if "mode" in fields:
+            raise InvalidRequestError("nananobanana: mode is chosen by submit() and generate()")
+        body = {"prompt": require_prompt(self.name, prompt), "selectedModel": model}
+        return HttpRequest(
+            "POST", "/api/v1/generate", {}, body | fields | {"mode": "sync" if sync else "async"}
+        )
+
+    def read_submit(self, model: str, body: Any) -> Snapshot:
+        answer = structure(body, Generated, provider=self.name)
+        if answer.success and answer.imageUrls is not None:
+            status = TaskStatus.COMPLETED
+        elif answer.success is False:
+            status = TaskStatus.FAILED
+        else:
+            status = TaskStatus.QUEUED
+        return self.snapshot(
+            task_id=answer.generationId,
+            model=model,
+            status=status,
+            raw=body,
+            outputs=urls_as_outputs(answer.imageUrls),
+            error=answer.error or answer.message,
+        )
+
+    def poll_request(self, task_id: str, model: str) -> HttpRequest:
+        return HttpRequest("GET", "/api/v1/generate", {"id": task_id})
+
+    def read_poll(self, task_id: str, model: str, body: Any) -> Snapshot:
+        if isinstance(body, Mapping) and "data" not in body and "processingStatus" in body:
+            body = {"data": body}
+        record = structure(body, PollAnswer, provider=self.name).data
+        return self.snapshot(
+            task_id=record.id,
+            model=record.modelUsed or model,
+            status=self.status_of(record.processingStatus, "$.data.processingStatus"),
+            raw=body,
+            outputs=urls_as_outputs(record.outputImageUrls),
+            error=record.errorMessage,
+        )
+
+    def content_policy(self, result: TaskResult) -> bool:
+        """The documented warning flag, or a failure message about safety."""
+        raw = result.raw if isinstance(result.raw, Mapping) else {}
+        return raw.get("warning") is True or super().content_policy(result)
+
+    def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
+        fields = body if isinstance(body, Mapping) else {}
+        # success:false with a generation id is a finished (failed) task, not an API error.
+        failed_without_task = fields.get("success") is False and not fields.get("generationId")
+        if http_status < 400 and not failed_without_task:
+            return None
+        code = fields.get("type") or fields.get("code")
+        return error_report(http_status, code, fields.get("error") or fields.get("message"))

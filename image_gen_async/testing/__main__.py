@@ -1,0 +1,90 @@
+"""Run the emulator on its own: `python -m image_gen_async.testing --port 8080`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+from ._emulator import Emulator
+from ._state import EmulatorConfig
+
+
+def optional_float(text: str) -> float | None:
+    """A float, or None for "none" (no limit)."""
+    return None if text.lower() == "none" else float(text)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """Parse WIDTHxHEIGHT."""
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
+def api_key(text: str) -> tuple[str, str]:
+    """Parse PROVIDER=KEY."""
+    provider, sep, key = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected PROVIDER=KEY")
+    return provider, key
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: where to listen and the main EmulatorConfig knobs."""
+    parser = argparse.ArgumentParser(prog="python -m image_gen_async.testing", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--duration", type=float, default=2.0, help="mean job seconds")
+    parser.add_argument("--duration-spread", type=float, default=0.0)
+    parser.add_argument("--estimate-bias", type=float, default=1.0)
+    parser.add_argument("--failure-rate", type=float, default=0.0)
+    parser.add_argument("--dh3-qps", type=optional_float, default=3.0, help='float or "none"')
+    parser.add_argument("--dh3-errors-under-http-200", action="store_true")
+    parser.add_argument("--api-key", type=api_key, action="append", default=[], metavar="PROVIDER=KEY")
+    parser.add_argument("--image-size", type=image_size, default=(64, 64), metavar="WxH")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-record", action="store_true", help="do not keep a request log")
+    return parser.parse_args(argv)
+
+
+def config_from(args: argparse.Namespace) -> EmulatorConfig:
+    """Build the EmulatorConfig the arguments describe."""
+    return EmulatorConfig(
+        duration=args.duration,
+        duration_spread=args.duration_spread,
+        estimate_bias=args.estimate_bias,
+        failure_rate=args.failure_rate,
+        dh3_qps=args.dh3_qps,
+        dh3_errors_under_http_200=args.dh3_errors_under_http_200,
+        api_keys=dict(args.api_key) or None,
+        image_size=args.image_size,
+        seed=args.seed,
+        record_requests=not args.no_record,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+            loop.add_signal_handler(signum, stop.set)
+    emulator = Emulator(config_from(args))
+    url = await emulator.start(args.host, args.port)
+    print(f"image_gen_async emulator serving on {url} (Ctrl-C to stop)", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await emulator.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

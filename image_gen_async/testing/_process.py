@@ -1,0 +1,77 @@
+"""`EmulatorProcess`: the emulator in a child process, for load tests and benchmarks.
+
+In-process, the emulator shares the event loop (and the CPU) with the client under
+test, so a busy client delays the server's clock and bunches arrivals. A separate
+process sees requests as a real provider would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+READY_PREFIX = "image_gen_async emulator serving on "
+
+
+class EmulatorProcess:
+    """``python -m image_gen_async.testing`` on a free loopback port, stopped on exit."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.url = ""
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 30.0) -> str:
+        """Start the child and wait for it to say where it listens."""
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "image_gen_async.testing",
+            "--port",
+            "0",
+            *self.args,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self._process.stdout is not None
+        line = await asyncio.wait_for(self._process.stdout.readline(), timeout)
+        text = line.decode().strip()
+        if not text.startswith(READY_PREFIX):
+            await self.close()
+            raise RuntimeError(f"emulator did not start: {text!r}")
+        self.url = text.removeprefix(READY_PREFIX).split()[0]
+        return self.url
+
+    async def stats(self) -> dict[str, Any]:
+        """The child's counters (``Stats.as_json``)."""
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/_emulator/stats") as answer:
+            answer.raise_for_status()
+            result: dict[str, Any] = await answer.json()
+            return result
+
+    async def close(self) -> None:
+        """Stop the child (SIGTERM, then SIGKILL if it lingers)."""
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def __aenter__(self) -> EmulatorProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

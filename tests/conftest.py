@@ -1,0 +1,59 @@
+"""Shared fixtures: a real emulator on loopback and sessions pointed at it, on scaled-down time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from image_gen_async import AsyncSession, PollSettings
+from image_gen_async.testing import Emulator, EmulatorConfig
+
+CLIENTS = ("get3w", "get3w_v3", "dh3", "nananobanana")
+MODELS = {
+    "get3w": "google/nano-banana-pro/text-to-image",
+    "get3w_v3": "get3w/flux-dev",
+    "dh3": "nano-banana-pro",
+    "nananobanana": "nano-banana",
+}
+KEYS = {name: f"sk-secret-{name}-0123456789" for name in CLIENTS}
+FAST_POLLING = PollSettings(first_poll=0.02, min_interval=0.005, max_interval=0.1)
+
+SessionFactory = Callable[..., AsyncSession]
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    config = EmulatorConfig(duration=0.05, dh3_qps=None, api_keys=dict(KEYS))
+    async with Emulator(config) as emu:
+        yield emu
+
+
+@pytest.fixture
+async def make_session(emulator: Emulator) -> AsyncIterator[SessionFactory]:
+    """Sessions on the emulator with fast polling and retries; closed after the test."""
+    made: list[AsyncSession] = []
+
+    def make(**overrides: Any) -> AsyncSession:
+        options: dict[str, Any] = {
+            "api_keys": KEYS,
+            "base_urls": dict.fromkeys(CLIENTS, emulator.url),
+            "rate_limits": {"dh3": None},
+            "polling": FAST_POLLING,
+            "retry_base": 0.01,
+            "retry_cap": 0.05,
+            "task_timeout": 20.0,
+        } | overrides
+        session = AsyncSession(**options)
+        made.append(session)
+        return session
+
+    yield make
+    for session in made:
+        await session.close()
+
+
+@pytest.fixture
+async def session(make_session: SessionFactory) -> AsyncSession:
+    return make_session()

@@ -1,0 +1,349 @@
+"""Errors, retries and the never-pay-twice rule, against real faults on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from image_gen_async import (
+    APIError,
+    AsyncSession,
+    AuthenticationError,
+    ConfigurationError,
+    ImageGenError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+    SubmitUncertainError,
+    TaskStatus,
+    TransportError,
+)
+from image_gen_async.testing import Emulator, Faults
+
+from .conftest import CLIENTS, KEYS, MODELS, SessionFactory
+
+
+@pytest.mark.parametrize("name", CLIENTS)
+async def test_create_429_is_retried_after_retry_after_and_slows_the_limiter(
+    make_session: SessionFactory, emulator: Emulator, name: str
+) -> None:
+    emulator.config.faults = Faults(retry_after=0.05)
+    session = make_session(rate_limits={name: 1000.0})
+    emulator.script(name, "create", "429", times=2)
+    handle = await session.client(name).submit(MODELS[name], prompt="a fox")
+    await handle
+    assert handle.retries == 2
+    assert emulator.stats.create_requests[name] == 3
+    assert emulator.stats.creates[name] == 1
+    limiter = session.client(name).limiter
+    assert limiter.current_rate is not None and limiter.current_rate < 1000.0
+
+
+async def test_create_429_gives_up_with_rate_limit_error(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    session = make_session(create_retries=2)
+    emulator.config.faults = Faults(retry_after=0.01)
+    emulator.script("dh3", "create", "429", times=5)
+    with pytest.raises(RateLimitError) as caught:
+        await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    assert caught.value.status == 429 and caught.value.retry_after == pytest.approx(0.01)
+    assert emulator.stats.create_requests["dh3"] == 3
+    assert emulator.stats.creates["dh3"] == 0
+
+
+@pytest.mark.parametrize("name", CLIENTS)
+async def test_create_503_without_task_is_retried(
+    session: AsyncSession, emulator: Emulator, name: str
+) -> None:
+    emulator.config.faults = Faults(retry_after=None)
+    emulator.script(name, "create", "503", times=2)
+    handle = await session.client(name).submit(MODELS[name], prompt="a fox")
+    await handle
+    assert handle.retries == 2
+    assert emulator.stats.creates[name] == 1
+
+
+@pytest.mark.parametrize("fault", ["500", "502", "drop_before", "drop_after", "non_json"])
+@pytest.mark.parametrize("name", CLIENTS)
+async def test_ambiguous_create_is_never_retried(
+    session: AsyncSession, emulator: Emulator, name: str, fault: str
+) -> None:
+    emulator.script(name, "create", fault)
+    with pytest.raises(SubmitUncertainError) as caught:
+        await session.client(name).submit(MODELS[name], prompt="a fox")
+    error = caught.value
+    assert error.provider == name and error.model == MODELS[name]
+    assert error.request_body is not None
+    assert emulator.stats.create_requests[name] == 1
+    assert KEYS[name] not in str(error) and KEYS[name] not in repr(error)
+
+
+async def test_connect_error_is_retried_then_reported(make_session: SessionFactory) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    session = make_session(base_urls={"dh3": f"http://127.0.0.1:{port}"}, create_retries=2)
+    with pytest.raises(TransportError) as caught:
+        await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    assert "dh3 create" in str(caught.value)
+
+
+async def test_connect_error_then_success_is_retried(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    """The create is retried when the connection was refused: nothing reached the provider."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    standby = Emulator(emulator.config)
+    session = make_session(base_urls={"dh3": f"http://127.0.0.1:{port}"}, create_retries=50, retry_cap=0.02)
+    refused = asyncio.Event()
+
+    class OnRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "create retry" in record.getMessage():
+                refused.set()
+
+    watcher = OnRetry()
+    logging.getLogger("image_gen_async").addHandler(watcher)
+    attempt = asyncio.ensure_future(session.dh3.submit("nano-banana-pro", prompt="a fox"))
+    try:
+        await refused.wait()  # the first attempt was refused before the server existed
+    finally:
+        logging.getLogger("image_gen_async").removeHandler(watcher)
+    await standby.start(host="127.0.0.1", port=port)
+    try:
+        handle = await attempt
+        await handle
+        assert handle.retries >= 1
+        assert standby.stats.creates["dh3"] == 1
+    finally:
+        await standby.close()
+
+
+@pytest.mark.parametrize("fault", ["500", "502", "503", "429", "drop_before", "non_json", "slow"])
+@pytest.mark.parametrize("name", CLIENTS)
+async def test_poll_faults_are_retried(
+    make_session: SessionFactory, emulator: Emulator, name: str, fault: str
+) -> None:
+    session = make_session(read_timeout=0.2)
+    emulator.config.faults = Faults(retry_after=0.01, slow_seconds=0.5)
+    emulator.script(name, "poll", fault, times=2)
+    handle = await session.client(name).submit(MODELS[name], prompt="a fox")
+    result = await handle
+    assert result.status is TaskStatus.COMPLETED
+    # aiohttp itself retries a GET once on a dropped connection, so one drop reaches us.
+    assert handle.retries == (1 if fault == "drop_before" else 2)
+    assert emulator.stats.creates[name] == 1
+
+
+async def test_poll_retries_exhausted_fail_the_handle(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    session = make_session(poll_retries=1)
+    emulator.script("dh3", "poll", "500", times=5)
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    with pytest.raises(ServerError) as caught:
+        await handle
+    assert caught.value.status == 500 and caught.value.provider == "dh3"
+    assert handle.retries == 1
+
+
+async def test_wrong_key_is_authentication_error(make_session: SessionFactory, emulator: Emulator) -> None:
+    wrong = "sk-wrong-key-abcdef"
+    session = make_session(api_keys={name: wrong for name in CLIENTS})
+    for name in CLIENTS:
+        with pytest.raises(AuthenticationError) as caught:
+            await session.client(name).submit(MODELS[name], prompt="a fox")
+        assert caught.value.status == 401 and caught.value.provider == name
+        assert wrong not in str(caught.value) and wrong not in repr(caught.value)
+    # Never retried: a 401 is a final answer.
+    assert all(emulator.stats.create_requests[name] == 1 for name in CLIENTS)
+
+
+@pytest.mark.parametrize("name", CLIENTS)
+async def test_unknown_task_is_not_found(session: AsyncSession, name: str) -> None:
+    handle = session.client(name).resume("no-such-task", MODELS[name])
+    with pytest.raises(NotFoundError):
+        await handle
+
+
+async def test_missing_key_is_a_configuration_error(emulator: Emulator) -> None:
+    async with AsyncSession(base_urls={"dh3": emulator.url}, env={}) as session:
+        with pytest.raises(ConfigurationError, match="DH3_API_KEY"):
+            await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    assert emulator.stats.create_requests["dh3"] == 0
+
+
+async def test_keys_from_environment_and_v3_fallback(emulator: Emulator) -> None:
+    env = {"GET3W_API_KEY": KEYS["get3w"], "DH3_API_KEY": KEYS["dh3"]}
+    async with AsyncSession(base_urls={"get3w": emulator.url, "dh3": emulator.url}, env=env) as session:
+        assert session.get3w_v3.base_url == emulator.url
+        emulator.config.api_keys = {"get3w_v3": KEYS["get3w"], "dh3": KEYS["dh3"]}
+        handles = [
+            await session.get3w_v3.submit(MODELS["get3w_v3"], prompt="a fox", timeout=5),
+            await session.dh3.submit("nano-banana-pro", prompt="a fox", timeout=5),
+        ]
+        await asyncio.gather(*handles)
+
+
+async def test_keys_never_leak(make_session: SessionFactory, emulator: Emulator, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="image_gen_async")
+    session = make_session()
+    emulator.script("dh3", "poll", "500")
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    await handle
+    visible = " ".join(
+        [repr(session), str(session), repr(session.dh3), repr(handle), repr(await handle), caplog.text]
+    )
+    assert "GET /api/v1/task/get -> 500" in caplog.text.replace("dh3 ", "")
+    assert "retry" in caplog.text
+    for key in KEYS.values():
+        assert key not in visible
+
+
+async def test_session_use_after_close(make_session: SessionFactory) -> None:
+    session = make_session()
+    await session.close()
+    assert session.closed
+    with pytest.raises(ConfigurationError, match="closed"):
+        await session.dh3.submit("nano-banana-pro", prompt="a fox")
+
+
+async def test_close_ends_waiting_handles(make_session: SessionFactory, emulator: Emulator) -> None:
+    session = make_session()
+    handle = await session.dh3.submit("nano-banana-pro", prompt="long one [slow]")
+    await session.close()
+    with pytest.raises(ConfigurationError, match="resume"):
+        await handle
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="unknown client 'dh4'"):
+        AsyncSession(api_keys={"dh4": "x"})
+    with pytest.raises(ConfigurationError, match="http"):
+        AsyncSession(base_urls={"dh3": "ftp://example.test"})
+    with pytest.raises(ConfigurationError):
+        AsyncSession(rate_limits={"dh3": 0})
+    with pytest.raises(ConfigurationError, match="unknown client"):
+        AsyncSession().client("midjourney")
+
+
+# A small server of our own for answers the emulator never gives: wrong shapes.
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def odd_server() -> AsyncIterator[Callable[[dict[str, Handler]], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def serve(routes: dict[str, Handler]) -> str:
+        app = web.Application()
+        for route, handler in routes.items():
+            method, path = route.split(" ", 1)
+            app.router.add_route(method, path, handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+def json_answer(body: Any, status: int = 200) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    return handler
+
+
+async def test_protocol_error_names_the_field(make_session: SessionFactory, odd_server: Any) -> None:
+    url = await odd_server(
+        {
+            "POST /api/v1/task/create": json_answer({"code": 200, "message": "ok", "task_id": "t1"}),
+            "GET /api/v1/task/get": json_answer(
+                {"code": 200, "nano_banana_pro_output": {"task_id": "t1", "images": []}}
+            ),
+        }
+    )
+    session = make_session(base_urls={"dh3": url})
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    with pytest.raises(ProtocolError, match=r"required field missing @ \$\.status") as caught:
+        await handle
+    assert "nano_banana_pro_output" in str(caught.value)
+
+
+async def test_strict_types_refuse_coercion(make_session: SessionFactory, odd_server: Any) -> None:
+    url = await odd_server(
+        {
+            "POST /api/v1/generate": json_answer(
+                {"success": "false", "generationId": "g1", "imageUrls": ["https://x.test/a.png"]}
+            ),
+        }
+    )
+    session = make_session(base_urls={"nananobanana": url})
+    with pytest.raises(SubmitUncertainError) as caught:
+        await session.nananobanana.generate("nano-banana", prompt="a fox")
+    cause = caught.value.__cause__
+    assert isinstance(cause, ProtocolError) and cause.field == "$.success"
+
+
+async def test_dh3_error_code_under_http_200(make_session: SessionFactory, emulator: Emulator) -> None:
+    emulator.config.dh3_errors_under_http_200 = True
+    session = make_session(api_keys={"dh3": "sk-wrong-key-abcdef"})
+    with pytest.raises(AuthenticationError):
+        await session.dh3.submit("nano-banana-pro", prompt="a fox")
+
+
+async def test_dh3_qps_answer_under_http_200_is_retried(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    emulator.config.dh3_errors_under_http_200 = True
+    emulator.config.faults = Faults(retry_after=0.01)
+    emulator.script("dh3", "create", "429")
+    session = make_session()
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    await handle
+    assert handle.retries == 1 and emulator.stats.creates["dh3"] == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (402, {"error": "Insufficient credits"}, "PaymentRequiredError"),
+        (403, {"error": "API access not enabled"}, "PermissionDeniedError"),
+        (400, {"error": "Missing prompt"}, "BadRequestError"),
+    ],
+)
+async def test_nananobanana_error_bodies(
+    make_session: SessionFactory, odd_server: Any, status: int, body: Any, kind: str
+) -> None:
+    url = await odd_server({"POST /api/v1/generate": json_answer(body, status)})
+    session = make_session(base_urls={"nananobanana": url})
+    with pytest.raises(APIError) as caught:
+        await session.nananobanana.submit("nano-banana", prompt="a fox")
+    assert type(caught.value).__name__ == kind
+    assert caught.value.status == status and caught.value.message == body["error"]
+
+
+async def test_get3w_v3_error_envelope(make_session: SessionFactory, odd_server: Any) -> None:
+    body = {"code": 403, "message": "Account issue", "data": None}
+    url = await odd_server({"POST /api/v3/{model:.+}": json_answer(body, 200)})
+    session = make_session(base_urls={"get3w_v3": url})
+    with pytest.raises(ImageGenError) as caught:
+        await session.get3w_v3.submit(MODELS["get3w_v3"], prompt="a fox")
+    assert type(caught.value).__name__ == "PermissionDeniedError"
