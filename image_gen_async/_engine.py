@@ -27,7 +27,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from ._handle import TaskHandle
-from ._polling import DurationLearner, PollSettings, next_delay
+from ._polling import DurationLearner, PollSettings, next_delay, webhook_wait
 from ._ratelimit import RateLimiter, Ticket
 from .errors import (
     ConfigurationError,
@@ -404,10 +404,18 @@ class Engine:
             raise TransportError(f"{what} failed: {_describe(error)}") from error
         return outcome[0]
 
-    def start(self, target: Target, handle: TaskHandle, snapshot: Snapshot, timeout: float | None) -> None:
-        """Follow an accepted task to its end in the background."""
+    def start(
+        self,
+        target: Target,
+        handle: TaskHandle,
+        snapshot: Snapshot,
+        timeout: float | None,
+        *,
+        webhook: bool = False,
+    ) -> None:
+        """Follow an accepted task to its end in the background (after a webhook wait, if any)."""
         poller = asyncio.get_running_loop().create_task(
-            self.follow(target, handle, snapshot, timeout),
+            self.follow(target, handle, snapshot, timeout, webhook=webhook),
             name=f"image_gen_async poll {target.name} {handle.task_id}",
         )
         handle._poller = poller
@@ -418,9 +426,19 @@ class Engine:
         self._pollers.pop(poller, None)
 
     async def follow(
-        self, target: Target, handle: TaskHandle, snapshot: Snapshot, timeout: float | None
+        self,
+        target: Target,
+        handle: TaskHandle,
+        snapshot: Snapshot,
+        timeout: float | None,
+        *,
+        webhook: bool = False,
     ) -> None:
-        """The poll loop: sleep on the learned schedule, poll, until terminal or the deadline."""
+        """The poll loop: sleep on the learned schedule, poll, until terminal or the deadline.
+
+        A job waiting on a webhook first sleeps until it is clearly late; a callback that
+        comes in the meantime cancels this loop, so polling is only the safety net.
+        """
         settings = self.settings.polling
         started = time.monotonic()
         deadline = started + (self.settings.task_timeout if timeout is None else timeout)
@@ -428,6 +446,10 @@ class Engine:
         request = self.poll_request(target, handle, snapshot.poll_url)
         last_pending = 0.0
         try:
+            if webhook:
+                upper = self.learner.upper_bound(key, handle.estimated_duration)
+                await asyncio.sleep(min(webhook_wait(upper, settings), max(0.0, deadline - started)))
+                log.info("%s task %s: no callback yet, polling", target.name, handle.task_id)
             while True:
                 now = time.monotonic()
                 if now >= deadline:
@@ -466,6 +488,17 @@ class Engine:
                 target.origin,
             )
         return target.codec.poll_request(handle.task_id, handle.model)
+
+    def settle_from_callback(self, target: Target, handle: TaskHandle, snapshot: Snapshot) -> bool:
+        """Apply a webhook's news to a handle; True when it ended the task (the poller stops)."""
+        handle.observe(snapshot.status)
+        if snapshot.result is None:
+            return False
+        poller = handle._poller
+        if poller is not None:
+            poller.cancel()
+        self.finish(target, handle, snapshot.result, time.time() - handle.submitted_at)
+        return True
 
     def finish(self, target: Target, handle: TaskHandle, result: TaskResult, duration: float | None) -> None:
         """Resolve a handle from a terminal result, learning from a completed job's duration."""

@@ -14,8 +14,11 @@ from collections import deque
 
 import attrs
 
-# Estimates can be this far too high before anything is learned.
+# Estimates can be this far off either way before anything is learned.
 ESTIMATE_LOW_FACTOR = 0.5
+ESTIMATE_HIGH_FACTOR = 2.0
+# A job waiting on a webhook is polled once it is this much later than the longest expected.
+WEBHOOK_LATE_FACTOR = 1.25
 
 
 @attrs.frozen
@@ -28,6 +31,8 @@ class PollSettings:
     min_interval: float = 0.25
     max_interval: float = 30.0
     history: int = 32
+    webhook_grace: float = 5.0
+    webhook_unknown_wait: float = 120.0
 
     def __attrs_post_init__(self) -> None:
         if not (0 < self.min_interval <= self.max_interval and self.growth > 0 and self.first_poll > 0):
@@ -65,6 +70,25 @@ class DurationLearner:
         if estimate:
             return estimate * ESTIMATE_LOW_FACTOR
         return None
+
+    def upper_bound(self, key: tuple[str, str], estimate: float | None) -> float | None:
+        """The latest a new job of this kind plausibly finishes, or None if nothing is known."""
+        ratios = self._ratios.get(key)
+        if estimate and ratios:
+            return estimate * max(ratios)
+        durations = self._durations.get(key)
+        if durations:
+            return max(durations)
+        if estimate:
+            return estimate * ESTIMATE_HIGH_FACTOR
+        return None
+
+
+def webhook_wait(upper_bound: float | None, settings: PollSettings) -> float:
+    """How long a job waits for its callback before the polling safety net starts."""
+    if upper_bound is None:
+        return settings.webhook_unknown_wait
+    return upper_bound * WEBHOOK_LATE_FACTOR + settings.webhook_grace
 
 
 def next_delay(elapsed: float, lower_bound: float | None, settings: PollSettings) -> float:

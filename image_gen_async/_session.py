@@ -15,9 +15,13 @@ from ._engine import Engine, EngineSettings, Secret, Target
 from ._handle import TaskHandle
 from ._polling import PollSettings
 from ._ratelimit import RateLimiter
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidRequestError
 from .models import TaskResult, TaskStatus
 from .providers import CODECS, FALLBACK_CLIENT, Snapshot
+from .webhooks import WebhookReceiver
+
+# Get3W's webhook signing secret (v3 signs with X-Get3W-Signature).
+WEBHOOK_SECRET_ENV = "GET3W_WEBHOOK_SECRET"
 
 
 class ProviderClient:
@@ -60,6 +64,7 @@ class ProviderClient:
         model: str,
         *,
         prompt: str,
+        webhook: bool = False,
         webhook_url: str | None = None,
         timeout: float | None = None,
         **params: Any,
@@ -70,17 +75,32 @@ class ProviderClient:
         ``resolution``, ``output_format``, ``image_urls``, ``seed``, ...); documented
         limits are checked before anything is sent. ``timeout`` is the handle's deadline
         in seconds (default: the session's ``task_timeout``).
+
+        ``webhook=True`` has the provider push the result to ``session.webhooks``; the
+        handle polls only if no callback comes well after the job should have ended.
+        ``webhook_url`` passes a URL of your own instead (the handle then polls as usual).
         """
         target = self._ready_target()
+        webhook_url = self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
         snapshot, retries = await self._session._engine.create(target, model, request)
-        return self._follow(snapshot, model, retries, timeout)
+        return self._follow(snapshot, model, retries, timeout, webhook=webhook)
+
+    def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
+        if not webhook:
+            return webhook_url
+        if webhook_url is not None:
+            raise InvalidRequestError("pass webhook=True or webhook_url, not both")
+        if not self._target.codec.has_webhooks:
+            raise InvalidRequestError(f"{self.name} has no webhook mode; poll instead")
+        return self._session.webhooks.url_for(self.name)
 
     async def generate(
         self,
         model: str,
         *,
         prompt: str,
+        webhook: bool = False,
         webhook_url: str | None = None,
         timeout: float | None = None,
         **params: Any,
@@ -91,12 +111,15 @@ class ProviderClient:
         """
         target = self._ready_target()
         engine = self._session._engine
+        webhook_url = self._callback_url(webhook, webhook_url)
         sync = target.codec.has_sync_mode and webhook_url is None
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=sync)
         started = time.monotonic()
         read_timeout = engine.settings.sync_timeout if sync else None
         snapshot, retries = await engine.create(target, model, request, read_timeout=read_timeout)
-        handle = self._follow(snapshot, model, retries, timeout, sync_duration=time.monotonic() - started)
+        handle = self._follow(
+            snapshot, model, retries, timeout, webhook=webhook, sync_duration=time.monotonic() - started
+        )
         return await handle
 
     def resume(
@@ -118,6 +141,8 @@ class ProviderClient:
         model: str,
         retries: int,
         timeout: float | None,
+        *,
+        webhook: bool = False,
         sync_duration: float | None = None,
     ) -> TaskHandle:
         target = self._target
@@ -133,7 +158,9 @@ class ProviderClient:
         if snapshot.result is not None:
             engine.finish(target, handle, snapshot.result, sync_duration)
         else:
-            engine.start(target, handle, snapshot, timeout)
+            engine.start(target, handle, snapshot, timeout, webhook=webhook)
+            if webhook:
+                self._session.webhooks.expect(target, handle)
         return handle
 
 
@@ -178,6 +205,7 @@ class AsyncSession:
         retry_cap: float = 20.0,
         polling: PollSettings | None = None,
         rate_limit_margin: float = 0.025,
+        webhook_secrets: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         api_keys, base_urls, rate_limits = (
@@ -226,6 +254,17 @@ class AsyncSession:
             limiter = limiters.setdefault(limiter_key, RateLimiter(rate, margin=rate_limit_margin))
             target = Target(name, codec, _origin(name, origin), Secret(key) if key else None, limiter)
             self._clients[name] = ProviderClient(self, target)
+        secrets = dict(webhook_secrets or {})
+        if "get3w_v3" not in secrets and environ.get(WEBHOOK_SECRET_ENV):
+            secrets["get3w_v3"] = environ[WEBHOOK_SECRET_ENV]
+        unknown = sorted(set(secrets) - set(CODECS))
+        if unknown:
+            raise ConfigurationError(f"webhook_secrets: unknown client {unknown[0]!r}")
+        self.webhooks = WebhookReceiver(
+            self._engine,
+            {name: client._target for name, client in self._clients.items()},
+            secrets_by_client=secrets,
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -254,6 +293,7 @@ class AsyncSession:
         Handles still running end with ``ConfigurationError``; their tasks may still
         finish at the provider and can be picked up with ``client.resume()``.
         """
+        await self.webhooks.close()
         await self._engine.close()
 
     def client(self, name: str) -> ProviderClient:

@@ -99,6 +99,9 @@ class Codec(abc.ABC):
     env_var: ClassVar[str]
     default_rate_limit: ClassVar[float | None] = None
     has_sync_mode: ClassVar[bool] = False
+    has_webhooks: ClassVar[bool] = True
+    # The header carrying a hex HMAC-SHA256 of the raw callback body, where the provider signs.
+    signature_header: ClassVar[str | None] = None
     status_words: ClassVar[Mapping[str, TaskStatus]] = {}
 
     @abc.abstractmethod
@@ -130,16 +133,22 @@ class Codec(abc.ABC):
         """The error an answer carries, or None; JSON-level failures count under HTTP 200."""
 
     def task_id_of(self, body: Any) -> str | None:
-        """Best-effort task id in an error answer (a 503 with one may have made the task)."""
+        """Best-effort task id in an answer or callback: top level, ``data`` or a ``*_output``."""
         if isinstance(body, Mapping):
             for key in ("id", "task_id", "generationId"):
                 value = body.get(key)
                 if isinstance(value, str) and value:
                     return value
-            data = body.get("data")
-            if isinstance(data, Mapping):
-                return self.task_id_of(data)
+            for key, value in body.items():
+                if (key == "data" or str(key).endswith("_output")) and isinstance(value, Mapping):
+                    found = self.task_id_of(value)
+                    if found:
+                        return found
         return None
+
+    def read_callback(self, task_id: str, model: str, body: Any) -> Snapshot:
+        """Read a webhook body; by default it has the shape of a status answer."""
+        return self.read_poll(task_id, model, body)
 
     def content_policy(self, result: TaskResult) -> bool:
         """True when a failed task was stopped by the content-safety check."""

@@ -181,6 +181,7 @@ class Get3WV3Codec(_Get3WCodec):
     """Get3W's ``/api/v3`` API."""
 
     name = "get3w_v3"
+    signature_header = "X-Get3W-Signature"
 
     def submit_request(
         self,
@@ -211,6 +212,12 @@ class Get3WV3Codec(_Get3WCodec):
                 field="$.data.id",
             )
         return snapshot
+
+    def read_callback(self, task_id: str, model: str, body: Any) -> Snapshot:
+        """v3 posts the bare prediction; an enveloped one is accepted too."""
+        if isinstance(body, Mapping) and "data" not in body:
+            body = {"code": 200, "message": "success", "data": body}
+        return self.read_poll(task_id, model, body)
 
     def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
         fields = body if isinstance(body, Mapping) else {}

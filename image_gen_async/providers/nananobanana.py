@@ -74,6 +74,7 @@ class NananobananaCodec(Codec):
     default_base_url = "https://www.nananobanana.com"
     env_var = "NANANOBANANA_API_KEY"
     has_sync_mode = True
+    has_webhooks = False
     status_words: ClassVar[Mapping[str, TaskStatus]] = {
         "processing": TaskStatus.PROCESSING,
         "completed": TaskStatus.COMPLETED,
