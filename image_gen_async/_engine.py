@@ -15,7 +15,9 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, TypeVar
@@ -30,8 +32,11 @@ from ._handle import TaskHandle
 from ._polling import DurationLearner, PollSettings, next_delay, webhook_wait
 from ._ratelimit import RateLimiter, Ticket
 from .errors import (
+    APIError,
     ConfigurationError,
     ContentPolicyError,
+    ImageGenError,
+    InvalidRequestError,
     ProtocolError,
     RateLimitError,
     ServerError,
@@ -51,6 +56,7 @@ USER_AGENT = "image-gen-async/0.1"
 # A status answer larger than this is not an API answer.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 _NOT_JSON = object()
+_QUERY = re.compile(r"\?[^\s'\"]*")
 # How much less than "done at the first poll" a job is taken to have lasted (see observed_duration).
 CENSORED_SHRINK = 0.9
 
@@ -83,7 +89,7 @@ class EngineSettings:
     sync_timeout: float = 300.0
     task_timeout: float = 3600.0
     create_retries: int = 4
-    poll_retries: int = 6
+    poll_retries: int | None = None
     retry_base: float = 0.5
     retry_cap: float = 20.0
     polling: PollSettings = attrs.Factory(PollSettings)
@@ -103,13 +109,17 @@ class Target:
         return URL(str(self.origin).rstrip("/") + path, encoded=True)
 
     def same_origin_path(self, url: str) -> str | None:
-        """The path of ``url`` when it lies on this client's origin, else None."""
+        """The path (and query) of ``url`` when it lies on this client's origin, else None.
+
+        A relative URL is read against the origin; a fragment is dropped.
+        """
         base = str(self.origin).rstrip("/")
         try:
-            candidate = str(URL(url))
+            resolved = URL(base + "/").join(URL(url)).with_fragment(None)
         except (ValueError, TypeError):
             return None
-        if candidate.startswith(base + "/"):
+        candidate = str(resolved)
+        if resolved.origin() == self.origin.origin() and candidate.startswith(base + "/"):
             return candidate[len(base) :]
         return None
 
@@ -129,9 +139,11 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -139,15 +151,33 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def decode(codec: Codec, answer: Answer) -> Any:
-    """The answer's JSON, or the error it carries, raised as the matching ``APIError``."""
+def encode_body(request: HttpRequest) -> bytes | None:
+    """The request's JSON body; parameters JSON cannot carry are refused before anything is sent."""
+    if request.json is None:
+        return None
+    try:
+        return json.dumps(request.json, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise InvalidRequestError(f"parameters are not JSON: {error}") from None
+
+
+def decode(codec: Codec, answer: Answer, *, secret: str | None = None) -> Any:
+    """The answer's JSON, or the error it carries, raised as the matching ``APIError``.
+
+    ``secret`` is masked in any text taken from the answer, in case a server echoes the key.
+    """
+    if 300 <= answer.status < 400:
+        raise ConfigurationError(
+            f"{codec.name}: the server redirects (HTTP {answer.status}) to "
+            f"{answer.headers.get('Location', '?')!r}; set base_urls to the origin it means"
+        )
     try:
         body: Any = json.loads(answer.raw)
     except (ValueError, UnicodeDecodeError):
         body = _NOT_JSON
     if body is _NOT_JSON:
         if answer.status < 400:
-            snippet = answer.raw[:80].decode("utf-8", "replace")
+            snippet = _mask(answer.raw[:80].decode("utf-8", "replace"), secret)
             raise ProtocolError(
                 f"{codec.name}: answer is not JSON (HTTP {answer.status}): {snippet!r}",
                 field="$",
@@ -160,11 +190,15 @@ def decode(codec: Codec, answer: Answer) -> Any:
         raise api_error(
             report.status,
             report.code,
-            report.message,
+            _mask(report.message, secret),
             provider=codec.name,
             retry_after=retry_after_seconds(answer.headers),
         )
     return body
+
+
+def _mask(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret and secret in text else text
 
 
 def retry_waits(base: float, cap: float) -> Generator[float, Any, None]:
@@ -178,16 +212,16 @@ def retry_waits(base: float, cap: float) -> Generator[float, Any, None]:
         error = yield delay
 
 
-def _is_poll_retryable(error: BaseException) -> bool:
-    if isinstance(error, aiohttp.ClientSSLError):
-        return False
-    if isinstance(error, ProtocolError):
-        return error.transient
-    return isinstance(error, aiohttp.ClientError | TimeoutError | RateLimitError | ServerError)
-
-
 def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__
+    """A short account of a failure that never carries request headers (or keys)."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        return f"{type(error).__name__}: {error.status} {error.message}"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return f"{type(error).__name__}: cannot connect to {error.host}:{error.port}"
+    text = str(error) if isinstance(error, ImageGenError | OSError) else ""
+    # A URL's query can carry a webhook token: keep scheme, host and path only.
+    text = _QUERY.sub("", text)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class Engine:
@@ -241,35 +275,47 @@ class Engine:
         target: Target,
         request: HttpRequest,
         *,
+        body: bytes | None = None,
         read_timeout: float | None = None,
         ticket: Ticket | None = None,
     ) -> Answer:
-        """One HTTP exchange with the target's origin, credentials attached, body read (capped)."""
-        headers = {"Accept": "application/json"}
+        """One HTTP exchange with the target's origin, credentials attached, body read (capped).
+
+        Transport failures come out as ``TransportError`` with no aiohttp exception attached:
+        aiohttp's errors carry the request headers, and with them the key.
+        """
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if target.key is not None:
             headers["Authorization"] = f"Bearer {target.key.reveal()}"
-        data = None
-        if request.json is not None:
-            data = json.dumps(request.json, separators=(",", ":")).encode()
-            headers["Content-Type"] = "application/json"
+        if body is None:
+            body = encode_body(request)
         options: dict[str, Any] = {}
         if read_timeout is not None:
             options["timeout"] = aiohttp.ClientTimeout(
                 total=None, connect=None, sock_connect=self.settings.connect_timeout, sock_read=read_timeout
             )
         started = time.monotonic()
-        # No redirects: following one could carry the key to another origin.
-        async with self.http().request(
-            request.method,
-            target.url(request.path),
-            params=dict(request.params) or None,
-            data=data,
-            headers=headers,
-            allow_redirects=False,
-            trace_request_ctx=ticket,
-            **options,
-        ) as response:
-            raw = await _read_capped(response, target.name)
+        failure: TransportError | None = None
+        try:
+            # No redirects: following one could carry the key to another origin.
+            async with self.http().request(
+                request.method,
+                target.url(request.path),
+                params=dict(request.params) or None,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                trace_request_ctx=ticket,
+                **options,
+            ) as response:
+                raw = await _read_capped(response, target.name)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            failure = TransportError(
+                f"{target.name} {request.method} {request.path}: {_describe(error)}",
+                transient=not isinstance(error, aiohttp.ClientSSLError),
+            )
+        if failure is not None:
+            raise failure  # outside the except block, so nothing of aiohttp's rides along
         log.debug(
             "%s %s %s -> %d in %.1f ms",
             target.name,
@@ -283,8 +329,15 @@ class Engine:
     async def create(
         self, target: Target, model: str, request: HttpRequest, *, read_timeout: float | None = None
     ) -> tuple[Snapshot, int]:
-        """Send a create, retrying only what cannot have made a task; the snapshot and retries."""
+        """Send a create, retrying only what cannot have made a task; the snapshot and retries.
+
+        Whether the request can have reached the provider is known exactly: its limiter
+        ticket is stamped when the headers are written. Unsent, it is retried; sent with
+        no clear answer, it is ``SubmitUncertainError``.
+        """
         codec = target.codec
+        body = encode_body(request)
+        secret = target.key.reveal() if target.key else None
         retries = 0
 
         def uncertain(reason: str, error: BaseException, task_id: str | None = None) -> SubmitUncertainError:
@@ -299,27 +352,36 @@ class Engine:
         async def once() -> Snapshot:
             ticket = await target.limiter.acquire()
             try:
-                answer = await self.send(target, request, read_timeout=read_timeout, ticket=ticket)
-            except aiohttp.ClientConnectorError:
-                raise  # no connection was made: nothing reached the provider
-            except (aiohttp.ClientError, TimeoutError, ProtocolError) as error:
+                answer = await self.send(target, request, body=body, read_timeout=read_timeout, ticket=ticket)
+            except (TransportError, ProtocolError) as error:
+                if not ticket.was_sent:
+                    raise  # nothing reached the provider: safe to retry
                 raise uncertain("no complete answer came back", error) from error
+            finally:
+                if not ticket.was_sent:
+                    ticket.abandon()
             try:
-                body = decode(codec, answer)
-            except RateLimitError as error:
-                target.limiter.penalize(error.retry_after)
-                raise
-            except ServerError as error:
+                answer_body = decode(codec, answer, secret=secret)
+            except APIError as error:
                 task_id = codec.task_id_of(_json_or_none(answer.raw))
-                if error.status == 503 and task_id is None:
-                    raise  # the provider refused before making a task
-                raise uncertain("the provider answered with a server error", error, task_id) from error
+                if task_id is not None:
+                    # An error that names a task may still have made it: never retried, never final.
+                    raise uncertain("the answer names a task but reports an error", error, task_id) from error
+                if isinstance(error, RateLimitError):
+                    target.limiter.penalize(error.retry_after)
+                    raise
+                if isinstance(error, ServerError):
+                    if error.status == 503:
+                        raise  # the provider refused before making a task
+                    raise uncertain("the provider answered with a server error", error) from error
+                raise
             except ProtocolError as error:
                 raise uncertain("the answer could not be read", error) from error
             try:
-                snapshot = codec.read_submit(model, body)
+                snapshot = codec.read_submit(model, answer_body)
             except ProtocolError as error:
-                raise uncertain("the answer could not be read", error, codec.task_id_of(body)) from error
+                task_id = codec.task_id_of(answer_body)
+                raise uncertain("the answer could not be read", error, task_id) from error
             target.limiter.reward()
             return snapshot
 
@@ -330,19 +392,17 @@ class Engine:
 
         snapshot = await self.retrying(
             once,
-            retryable=(aiohttp.ClientConnectorError, RateLimitError, ServerError),
-            giveup=lambda error: isinstance(error, aiohttp.ClientSSLError),
+            retryable=(TransportError, ProtocolError, RateLimitError, ServerError),
+            giveup=lambda error: not getattr(error, "transient", True),
             tries=self.settings.create_retries + 1,
             on_retry=on_retry,
-            what=f"{target.name} create",
         )
         return snapshot, retries
 
-    async def poll(
-        self, target: Target, handle: TaskHandle, request: HttpRequest, deadline: float
-    ) -> Snapshot:
-        """One status read, retried on transient failures until the handle's deadline."""
+    async def poll(self, target: Target, handle: TaskHandle, request: HttpRequest) -> Snapshot:
+        """One status read, retried on transient failures (the caller bounds it by the deadline)."""
         codec = target.codec
+        secret = target.key.reveal() if target.key else None
 
         def on_retry(tries: int, wait: float, error: BaseException) -> None:
             handle.retries += 1
@@ -357,16 +417,15 @@ class Engine:
 
         async def once() -> Snapshot:
             answer = await self.send(target, request)
-            return codec.read_poll(handle.task_id, handle.model, decode(codec, answer))
+            return codec.read_poll(handle.task_id, handle.model, decode(codec, answer, secret=secret))
 
+        retries = self.settings.poll_retries
         return await self.retrying(
             once,
-            retryable=(Exception,),
-            giveup=lambda error: not _is_poll_retryable(error),
-            tries=self.settings.poll_retries + 1,
-            max_time=max(0.0, deadline - time.monotonic()),
+            retryable=(TransportError, ProtocolError, RateLimitError, ServerError),
+            giveup=lambda error: not getattr(error, "transient", True),
+            tries=None if retries is None else retries + 1,
             on_retry=on_retry,
-            what=f"{target.name} poll of {handle.task_id}",
         )
 
     async def retrying(
@@ -375,33 +434,27 @@ class Engine:
         *,
         retryable: tuple[type[Exception], ...],
         giveup: Callable[[BaseException], bool],
-        tries: int,
+        tries: int | None,
         on_retry: Callable[[int, float, BaseException], None],
-        what: str,
-        max_time: float | None = None,
     ) -> T:
-        """Run ``call`` under ``backoff``; a transport failure left at the end is a ``TransportError``.
+        """Run ``call`` under ``backoff``: jittered exponential waits, or the server's ``Retry-After``.
 
         Only ``Exception`` subclasses are ever retried, so cancellation always propagates.
         """
         outcome: list[T] = []
-        try:
-            async for attempt in backoff.aretry_context(
-                retryable,
-                retry_waits,
-                max_tries=tries,
-                max_time=max_time,
-                jitter=None,
-                giveup=giveup,
-                on_backoff=lambda details: on_retry(details["tries"], details["wait"], details["exception"]),
-                logger=None,
-                base=self.settings.retry_base,
-                cap=self.settings.retry_cap,
-            ):
-                with attempt:
-                    outcome.append(await call())
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise TransportError(f"{what} failed: {_describe(error)}") from error
+        async for attempt in backoff.aretry_context(
+            retryable,
+            retry_waits,
+            max_tries=tries,
+            jitter=None,
+            giveup=giveup,
+            on_backoff=lambda details: on_retry(details["tries"], details["wait"], details["exception"]),
+            logger=None,
+            base=self.settings.retry_base,
+            cap=self.settings.retry_cap,
+        ):
+            with attempt:
+                outcome.append(await call())
         return outcome[0]
 
     def start(
@@ -414,6 +467,7 @@ class Engine:
         webhook: bool = False,
     ) -> None:
         """Follow an accepted task to its end in the background (after a webhook wait, if any)."""
+        self.http()  # a closed session starts nothing
         poller = asyncio.get_running_loop().create_task(
             self.follow(target, handle, snapshot, timeout, webhook=webhook),
             name=f"image_gen_async poll {target.name} {handle.task_id}",
@@ -421,6 +475,16 @@ class Engine:
         handle._poller = poller
         self._pollers[poller] = handle
         poller.add_done_callback(self._forget)
+
+    @staticmethod
+    def late(target: Target, handle: TaskHandle, started: float) -> TaskTimeoutError:
+        """The error for a handle whose deadline passed."""
+        return TaskTimeoutError(
+            f"{target.name} task {handle.task_id} not finished after "
+            f"{time.monotonic() - started:.1f} s ({handle.polls} polls); it may still finish",
+            task_id=handle.task_id,
+            provider=target.name,
+        )
 
     def _forget(self, poller: asyncio.Task[None]) -> None:
         self._pollers.pop(poller, None)
@@ -453,16 +517,15 @@ class Engine:
             while True:
                 now = time.monotonic()
                 if now >= deadline:
-                    raise TaskTimeoutError(
-                        f"{target.name} task {handle.task_id} not finished after "
-                        f"{now - started:.1f} s ({handle.polls} polls); it may still finish",
-                        task_id=handle.task_id,
-                        provider=target.name,
-                    )
+                    raise self.late(target, handle, started)
                 lower = self.learner.lower_bound(key, handle.estimated_duration)
                 delay = next_delay(now - started, lower, settings)
                 await asyncio.sleep(min(delay, deadline - now))
-                snapshot = await self.poll(target, handle, request, deadline)
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        snapshot = await self.poll(target, handle, request)
+                except TimeoutError:
+                    raise self.late(target, handle, started) from None
                 handle.polls += 1
                 handle.observe(snapshot.status)
                 if snapshot.result is not None:

@@ -40,6 +40,20 @@ class PollSettings:
                 "PollSettings: need 0 < min_interval <= max_interval, growth > 0, first_poll > 0"
             )
 
+    def scaled(self, factor: float) -> PollSettings:
+        """The same schedule on a faster (or slower) clock: every duration times ``factor``.
+
+        For emulated jobs that run, say, 30x faster than the real ones.
+        """
+        return attrs.evolve(
+            self,
+            first_poll=self.first_poll * factor,
+            min_interval=self.min_interval * factor,
+            max_interval=self.max_interval * factor,
+            webhook_grace=self.webhook_grace * factor,
+            webhook_unknown_wait=self.webhook_unknown_wait * factor,
+        )
+
 
 class DurationLearner:
     """Recent durations of completed jobs per provider+model, and how far off estimates were."""

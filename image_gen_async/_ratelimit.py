@@ -18,6 +18,7 @@ in arrival order (an ``asyncio.Lock`` is first come, first served):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import math
 from collections import deque
@@ -29,28 +30,44 @@ RECOVERY = 1.05
 
 
 class Ticket:
-    """One release: when the create went out (the release time until it is stamped ``sent``)."""
+    """One release. Until the request's headers are written it is unsent and blocks the window."""
 
-    __slots__ = ("at",)
+    __slots__ = ("_limiter", "at")
 
-    def __init__(self, at: float) -> None:
-        self.at = at
+    def __init__(self, limiter: RateLimiter | None) -> None:
+        self._limiter = limiter
+        self.at: float | None = None
+
+    @property
+    def was_sent(self) -> bool:
+        """True once the request's headers went out: the provider may have seen it."""
+        return self.at is not None
 
     def sent(self) -> None:
         """The request's headers are being written now."""
-        self.at = max(self.at, asyncio.get_running_loop().time())
+        if self.at is None:
+            self.at = asyncio.get_running_loop().time()
+            if self._limiter is not None:
+                self._limiter._changed.set()
+
+    def abandon(self) -> None:
+        """The request never went out (no connection): give its place in the window back."""
+        if self.at is None and self._limiter is not None:
+            self._limiter._forget(self)
 
 
 class RateLimiter:
     """Lets callers through at most ``rate`` per second (``None``: unpaced, but 429s pause it)."""
 
-    __slots__ = ("_factor", "_lock", "_margin", "_next_slot", "_released", "rate")
+    __slots__ = ("_changed", "_factor", "_lock", "_margin", "_max_pause", "_next_slot", "_released", "rate")
 
-    def __init__(self, rate: float | None, *, margin: float = 0.025) -> None:
+    def __init__(self, rate: float | None, *, margin: float = 0.025, max_pause: float = 60.0) -> None:
         if rate is not None and rate <= 0:
             raise ValueError("rate must be positive (or None for no limit)")
         self.rate = rate
         self._margin = margin
+        self._max_pause = max_pause
+        self._changed = asyncio.Event()
         self._factor = 1.0
         self._next_slot = 0.0
         self._released: deque[Ticket] = deque()
@@ -66,45 +83,55 @@ class RateLimiter:
         loop = asyncio.get_running_loop()
         async with self._lock:
             while True:
-                now = loop.time()
-                wait = self._wait_at(now)
+                wait = self._wait_at(loop.time())
                 if wait <= 0:
                     break
-                await asyncio.sleep(wait)
-            return self._release(now)
+                # Wake when the wait is over, or earlier when an unsent ticket goes out or is dropped.
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), None if math.isinf(wait) else wait)
+            return self._release(loop.time())
 
     def _wait_at(self, now: float) -> float:
-        """Seconds until the next release is allowed by both pacing and the window."""
+        """Seconds until pacing and the window both allow a release (inf: until a ticket is sent)."""
         wait = self._next_slot - now
         rate = self.current_rate
         if rate is not None:
             window = 1.0 + self._margin
             allowed = max(1, math.floor(rate))
             released = self._released
-            while released and released[0].at <= now - window:
+            while released and released[0].at is not None and released[0].at <= now - window:
                 released.popleft()
             if len(released) >= allowed:
-                # Stamps arrive slightly out of order: find the one whose expiry frees a place.
-                freeing = heapq.nsmallest(len(released) - allowed + 1, (t.at for t in released))[-1]
+                # An unsent ticket counts as sent in the future: it holds its place until it goes out.
+                times = (math.inf if t.at is None else t.at for t in released)
+                freeing = heapq.nsmallest(len(released) - allowed + 1, times)[-1]
                 wait = max(wait, freeing + window - now)
         return wait
 
     def _release(self, now: float) -> Ticket:
-        ticket = Ticket(now)
         rate = self.current_rate
-        if rate is not None:
-            # The schedule advances from the slot, not from now, so a slightly late wake-up
-            # does not lower the long-run rate; the window above bounds any catch-up.
-            self._next_slot = max(self._next_slot, now - self._margin) + (1.0 + self._margin) / rate
-            self._released.append(ticket)
+        if rate is None:
+            return Ticket(None)
+        ticket = Ticket(self)
+        # The schedule advances from the slot, not from now, so a slightly late wake-up
+        # does not lower the long-run rate; the window above bounds any catch-up.
+        self._next_slot = max(self._next_slot, now - self._margin) + (1.0 + self._margin) / rate
+        self._released.append(ticket)
         return ticket
+
+    def _forget(self, ticket: Ticket) -> None:
+        with contextlib.suppress(ValueError):
+            self._released.remove(ticket)
+        self._changed.set()
 
     def penalize(self, retry_after: float | None) -> None:
         """A 429 came back: slow down, and let nothing through before ``retry_after`` passed."""
         self._factor = max(FLOOR, self._factor * SLOWDOWN)
-        if retry_after:
+        if retry_after and math.isfinite(retry_after):
+            # A server's advice is followed, but no single answer may stall the session for long.
             now = asyncio.get_running_loop().time()
-            self._next_slot = max(self._next_slot, now + retry_after)
+            self._next_slot = max(self._next_slot, now + min(retry_after, self._max_pause))
 
     def reward(self) -> None:
         """A create went through: creep back towards the configured rate."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -115,12 +116,22 @@ class ProviderClient:
         sync = target.codec.has_sync_mode and webhook_url is None
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=sync)
         started = time.monotonic()
-        read_timeout = engine.settings.sync_timeout if sync else None
+        read_timeout = None
+        if sync:
+            read_timeout = (
+                engine.settings.sync_timeout
+                if timeout is None
+                else min(timeout, engine.settings.sync_timeout)
+            )
         snapshot, retries = await engine.create(target, model, request, read_timeout=read_timeout)
         handle = self._follow(
             snapshot, model, retries, timeout, webhook=webhook, sync_duration=time.monotonic() - started
         )
-        return await handle
+        try:
+            return await handle
+        except asyncio.CancelledError:
+            handle.cancel()  # nobody is left to take the result: stop polling for it
+            raise
 
     def resume(
         self,
@@ -164,6 +175,16 @@ class ProviderClient:
         return handle
 
 
+def _clean_key(name: str, key: str | None) -> str | None:
+    """Trim the whitespace a pasted key often carries; refuse one that cannot go in a header."""
+    if not key:
+        return None
+    key = key.strip()
+    if not key.isprintable() or any(char.isspace() for char in key):
+        raise ConfigurationError(f"the API key for {name} contains spaces or control characters")
+    return key or None
+
+
 def _key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -200,7 +221,7 @@ class AsyncSession:
         sync_timeout: float = 300.0,
         task_timeout: float = 3600.0,
         create_retries: int = 4,
-        poll_retries: int = 6,
+        poll_retries: int | None = None,
         retry_base: float = 0.5,
         retry_cap: float = 20.0,
         polling: PollSettings | None = None,
@@ -244,14 +265,19 @@ class AsyncSession:
         self._clients: dict[str, ProviderClient] = {}
         for name, codec in CODECS.items():
             fallback = FALLBACK_CLIENT.get(name)
-            key = api_keys.get(name) or (fallback and api_keys.get(fallback)) or environ.get(codec.env_var)
+            key = _clean_key(
+                name,
+                api_keys.get(name) or (fallback and api_keys.get(fallback)) or environ.get(codec.env_var),
+            )
             origin = base_urls.get(name) or (fallback and base_urls.get(fallback)) or codec.default_base_url
             rate = rate_limits.get(name, codec.default_rate_limit)
             if rate is not None and rate <= 0:
                 raise ConfigurationError(f"rate_limits[{name!r}] must be positive or None")
             # One limiter per client and key: every create this session makes with a key shares it.
             limiter_key = (name, _key_fingerprint(key) if key else "")
-            limiter = limiters.setdefault(limiter_key, RateLimiter(rate, margin=rate_limit_margin))
+            limiter = limiters.setdefault(
+                limiter_key, RateLimiter(rate, margin=rate_limit_margin, max_pause=retry_cap)
+            )
             target = Target(name, codec, _origin(name, origin), Secret(key) if key else None, limiter)
             self._clients[name] = ProviderClient(self, target)
         secrets = dict(webhook_secrets or {})

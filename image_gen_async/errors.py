@@ -38,6 +38,11 @@ class ProtocolError(ImageGenError):
 class TransportError(ImageGenError):
     """No usable answer came back (connection refused or dropped, timeout) after the retries."""
 
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        # A refused or dropped connection may work next time; a TLS certificate problem will not.
+        self.transient = transient
+
 
 class APIError(ImageGenError):
     """The provider answered with an error: HTTP status, the provider's code and message."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Any, NewType, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
@@ -71,10 +71,6 @@ class TaskResult:
         return self.status is TaskStatus.COMPLETED
 
 
-# Numbers some providers send as decimal strings ("2456789"); accepted as int or digits only.
-IntText = NewType("IntText", int)
-
-
 def _strict(expected: type[Any]) -> Any:
     def hook(value: Any, _: Any) -> Any:
         # bool is an int subclass: never let True pass as 1.
@@ -91,14 +87,6 @@ def _float(value: Any, _: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected a number, got {type(value).__name__}")
     return float(value)
-
-
-def _int_text(value: Any, _: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    raise ValueError(f"expected a whole number or its digits, got {value!r}")
 
 
 def _only(container: type[Any], factory: Any) -> Any:
@@ -122,7 +110,6 @@ def _make_converter() -> cattrs.Converter:
     for kind in (str, int, bool):
         conv.register_structure_hook(kind, _strict(kind))
     conv.register_structure_hook(float, _float)
-    conv.register_structure_hook(IntText, _int_text)
     conv.register_structure_hook_factory(is_sequence, _only(list, list_structure_factory))
     conv.register_structure_hook_factory(is_mapping, _only(dict, mapping_structure_factory))
     return conv
@@ -131,15 +118,18 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 
-def structure(data: Any, cls: type[T], *, provider: str) -> T:
-    """Read JSON into an attrs class, or raise ``ProtocolError`` naming the bad field."""
+def structure(data: Any, cls: type[T], *, provider: str, path: str = "$") -> T:
+    """Read JSON into an attrs class, or raise ``ProtocolError`` naming the bad field.
+
+    ``path`` is where ``data`` sits in the whole answer, so the field is named from its root.
+    """
     try:
         return converter.structure(data, cls)
     except BaseValidationError as exc:
-        problems = cattrs.transform_error(exc, path="$")
+        problems = cattrs.transform_error(exc, path=path)
         raise ProtocolError(
             f"{provider}: response does not fit: {'; '.join(problems)}",
             field=problems[0].rpartition(" @ ")[2] if problems else None,
         ) from None
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ProtocolError(f"{provider}: response does not fit: {exc} @ $", field="$") from None
+        raise ProtocolError(f"{provider}: response does not fit: {exc} @ {path}", field=path) from None

@@ -17,12 +17,14 @@ from image_gen_async import (
     AuthenticationError,
     ConfigurationError,
     ImageGenError,
+    InvalidRequestError,
     NotFoundError,
     ProtocolError,
     RateLimitError,
     ServerError,
     SubmitUncertainError,
     TaskStatus,
+    TaskTimeoutError,
     TransportError,
 )
 from image_gen_async.testing import Emulator, Faults
@@ -93,7 +95,8 @@ async def test_connect_error_is_retried_then_reported(make_session: SessionFacto
     session = make_session(base_urls={"dh3": f"http://127.0.0.1:{port}"}, create_retries=2)
     with pytest.raises(TransportError) as caught:
         await session.dh3.submit("nano-banana-pro", prompt="a fox")
-    assert "dh3 create" in str(caught.value)
+    assert "dh3 POST /api/v1/task/create" in str(caught.value)
+    assert "cannot connect" in str(caught.value)
 
 
 async def test_connect_error_then_success_is_retried(
@@ -251,7 +254,7 @@ async def odd_server() -> AsyncIterator[Callable[[dict[str, Handler]], Awaitable
         for route, handler in routes.items():
             method, path = route.split(" ", 1)
             app.router.add_route(method, path, handler)
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -282,9 +285,10 @@ async def test_protocol_error_names_the_field(make_session: SessionFactory, odd_
     )
     session = make_session(base_urls={"dh3": url})
     handle = await session.dh3.submit("nano-banana-pro", prompt="a fox")
-    with pytest.raises(ProtocolError, match=r"required field missing @ \$\.status") as caught:
+    with pytest.raises(ProtocolError) as caught:
         await handle
-    assert "nano_banana_pro_output" in str(caught.value)
+    assert caught.value.field == "$.nano_banana_pro_output.status"
+    assert "required field missing" in str(caught.value)
 
 
 async def test_strict_types_refuse_coercion(make_session: SessionFactory, odd_server: Any) -> None:
@@ -347,3 +351,151 @@ async def test_get3w_v3_error_envelope(make_session: SessionFactory, odd_server:
     with pytest.raises(ImageGenError) as caught:
         await session.get3w_v3.submit(MODELS["get3w_v3"], prompt="a fox")
     assert type(caught.value).__name__ == "PermissionDeniedError"
+
+
+async def test_error_answer_naming_a_task_is_never_retried(
+    make_session: SessionFactory, odd_server: Any
+) -> None:
+    creates = 0
+
+    async def create(request: web.Request) -> web.Response:
+        nonlocal creates
+        creates += 1
+        body = {"code": 500, "message": "upstream rate limit exceeded", "task_id": "t1"}
+        return web.json_response(body, status=500)
+
+    url = await odd_server({"POST /api/v1/task/create": create})
+    session = make_session(base_urls={"dh3": url})
+    with pytest.raises(SubmitUncertainError) as caught:
+        await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    assert caught.value.task_id == "t1" and creates == 1
+
+
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+async def test_key_never_rides_along_in_an_exception_chain(make_session: SessionFactory) -> None:
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 2xx WHAT\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        session = make_session(base_urls={"dh3": f"http://127.0.0.1:{port}"})
+        with pytest.raises(ImageGenError) as caught:
+            await session.dh3.submit("nano-banana-pro", prompt="a fox")
+        chain = exception_chain(caught.value)
+        assert len(chain) >= 2  # the cause is kept, as our own TransportError
+        assert not any(KEYS["dh3"] in repr(e) or KEYS["dh3"] in str(e) for e in chain)
+        assert not any(type(e).__module__.startswith("aiohttp") for e in chain)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_rate_limit_holds_while_the_pool_is_busy(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    """Creates released while no connection is free must not leave together once one is."""
+    emulator.config.dh3_qps = 10
+    emulator.config.durations = {"nano-banana": 1.0}
+    session = make_session(pool_size=2, rate_limits={"dh3": 10.0, "nananobanana": None})
+    holders = [
+        asyncio.ensure_future(session.nananobanana.generate("nano-banana", prompt=f"hold {i}"))
+        for i in range(2)
+    ]
+    handles = await asyncio.gather(
+        *(session.dh3.submit("nano-banana-pro", prompt=f"fox {i}") for i in range(25))
+    )
+    await asyncio.gather(*handles, *holders)
+    assert emulator.stats.creates["dh3"] == 25
+    assert emulator.stats.rate_limited["dh3"] == 0
+    assert emulator.stats.max_creates_in_1s["dh3"] <= 10
+
+
+async def test_deadline_bounds_a_hanging_poll(make_session: SessionFactory, odd_server: Any) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)  # far past the handle's deadline
+        return web.json_response({})
+
+    url = await odd_server(
+        {
+            "POST /api/v1/task/create": json_answer({"code": 200, "message": "ok", "task_id": "t1"}),
+            "GET /api/v1/task/get": hang,
+        }
+    )
+    session = make_session(base_urls={"dh3": url}, read_timeout=30)
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a fox", timeout=0.3)
+    with pytest.raises(TaskTimeoutError):
+        await asyncio.wait_for(handle.wait(), 5)
+
+
+async def test_poll_outage_is_ridden_out_until_the_deadline(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    emulator.script("dh3", "poll", "503", times=12)
+    emulator.config.faults = Faults(retry_after=None)
+    session = make_session()
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a fox")
+    assert (await handle).ok and handle.retries == 12
+
+
+async def test_cancelled_generate_stops_its_polling(make_session: SessionFactory, emulator: Emulator) -> None:
+    session = make_session()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(session.dh3.generate("nano-banana-pro", prompt="long one [slow]"), 0.1)
+    polls = emulator.stats.polls["dh3"]
+    finished = await session.dh3.submit("nano-banana-pro", prompt="long one [slow]")
+    await finished  # long after the cancel: no more polls for the abandoned job
+    assert emulator.stats.polls["dh3"] == polls + finished.polls
+
+
+async def test_parameters_that_are_not_json_are_refused_before_sending(
+    session: AsyncSession, emulator: Emulator
+) -> None:
+    with pytest.raises(InvalidRequestError, match="not JSON"):
+        await session.dh3.submit("nano-banana-pro", prompt="a fox", seed=object())
+    assert emulator.stats.create_requests["dh3"] == 0
+
+
+def test_keys_with_spaces_are_refused_and_pasted_newlines_trimmed() -> None:
+    with pytest.raises(ConfigurationError, match="dh3"):
+        AsyncSession(api_keys={"dh3": "sk one two"})
+    assert AsyncSession(api_keys={"dh3": "sk-abc\n"}).dh3._target.key is not None
+
+
+async def test_redirect_is_a_configuration_error(make_session: SessionFactory, odd_server: Any) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=308, headers={"Location": "https://elsewhere.test/api/v1/task/create"})
+
+    url = await odd_server({"POST /api/v1/task/create": moved})
+    session = make_session(base_urls={"dh3": url})
+    with pytest.raises(ConfigurationError, match=r"elsewhere\.test"):
+        await session.dh3.submit("nano-banana-pro", prompt="a fox")
+
+
+async def test_same_origin_poll_url_is_followed(make_session: SessionFactory, odd_server: Any) -> None:
+    seen: list[str] = []
+    base = ""
+
+    async def create(request: web.Request) -> web.Response:
+        data = {"id": "p1", "status": "created", "urls": {"get": f"{base}/custom/poll/p1"}}
+        return web.json_response({"code": 200, "message": "success", "data": data})
+
+    async def poll(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        data = {"id": "p1", "status": "completed", "outputs": ["https://o.test/1.png"]}
+        return web.json_response({"code": 200, "message": "success", "data": data})
+
+    base = await odd_server({"POST /api/v3/{model:.+}": create, "GET /custom/poll/{id}": poll})
+    session = make_session(base_urls={"get3w_v3": base})
+    result = await (await session.get3w_v3.submit(MODELS["get3w_v3"], prompt="a fox"))
+    assert result.ok and seen == ["/custom/poll/p1"]

@@ -269,11 +269,13 @@ def test_same_origin_path_rule() -> None:
     assert target.same_origin_path("https://api.get3w.com/api/v3/predictions/p1/result") == (
         "/api/v3/predictions/p1/result"
     )
+    # Relative URLs are read against the origin; fragments are dropped.
+    assert target.same_origin_path("/api/v3/predictions/p1?x=1#top") == "/api/v3/predictions/p1?x=1"
     for foreign in (
         "http://api.get3w.com/api/v3/predictions/p1",
         "https://api.get3w.com.evil.test/api/v3/predictions/p1",
         "https://api.get3w.com@evil.test/api/v3/predictions/p1",
         "https://api.get3w.com:8443/api/v3/predictions/p1",
-        "not a url",
+        "//evil.test/api/v3/predictions/p1",
     ):
         assert target.same_origin_path(foreign) is None

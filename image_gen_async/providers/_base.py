@@ -7,13 +7,15 @@ A codec builds ``HttpRequest`` values and reads decoded JSON back into
 from __future__ import annotations
 
 import abc
+import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
 
-from ..errors import InvalidRequestError, ProtocolError
+from ..errors import InvalidRequestError
 from ..models import Output, TaskResult, TaskStatus
 
 
@@ -64,8 +66,11 @@ COMMON_STATUS_WORDS: Mapping[str, TaskStatus] = {
     ),
 }
 
-_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|\bqps\b|too many requests", re.IGNORECASE)
-_CONTENT_POLICY_WORDS = re.compile(r"safety|nsfw|content.?polic|moderation|inappropriate", re.IGNORECASE)
+_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|\bqps\b|too many requests|too frequent|throttl", re.IGNORECASE)
+_CONTENT_POLICY_WORDS = re.compile(
+    r"safety|nsfw|content.?(polic|filter)|moderation|inappropriate|sensitive|blocked", re.IGNORECASE
+)
+log = logging.getLogger("image_gen_async")
 
 
 def looks_like_content_policy(message: str | None) -> bool:
@@ -86,9 +91,53 @@ def error_report(http_status: int, code: Any, message: Any) -> ErrorReport:
         status = http_status
     else:
         status = 400
-    if status != 429 and _RATE_LIMIT_WORDS.search(text):
+    # Wording decides only between client errors: a 5xx stays a 5xx (it may have made a task).
+    if 400 <= status < 500 and _RATE_LIMIT_WORDS.search(text):
         status = 429
     return ErrorReport(status, code, text)
+
+
+def success_code(code: Any) -> bool | None:
+    """Whether a JSON ``code`` says success: 0 or any 2xx, as a number or its digits; None if absent."""
+    if code is None:
+        return None
+    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
+        code = int(code)
+    if isinstance(code, bool) or not isinstance(code, int):
+        return False
+    return code == 0 or 200 <= code < 300
+
+
+def number(value: Any) -> float | None:
+    """A number from an informational field (a number or its digits); anything else is None.
+
+    Such fields (timings, sizes, estimates) are read best-effort: an odd value there must
+    not fail a task that finished.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            parsed = float(value)
+        except ValueError:
+            return None
+        return parsed if math.isfinite(parsed) else None
+    return None
+
+
+def whole_number(value: Any) -> int | None:
+    """A whole number from an informational field, else None (``"2456789"`` -> 2456789)."""
+    parsed = number(value)
+    return int(parsed) if parsed is not None and parsed.is_integer() and parsed >= 0 else None
+
+
+def timings(value: Any) -> dict[str, float | None] | None:
+    """A provider's timings object, keeping whatever is numeric."""
+    if not isinstance(value, Mapping):
+        return None
+    return {str(key): number(item) for key, item in value.items()}
 
 
 class Codec(abc.ABC):
@@ -157,11 +206,16 @@ class Codec(abc.ABC):
     # Shared helpers for the concrete codecs.
 
     def status_of(self, word: str, field: str) -> TaskStatus:
-        """Map a provider status word; an unknown one is a ``ProtocolError`` naming the field."""
+        """Map a provider status word.
+
+        An unknown word (a new stage such as "uploading") is taken as still running, with a
+        warning: failing a paid task over a word would be worse than one more poll.
+        """
         key = word.strip().lower()
         status = self.status_words.get(key) or COMMON_STATUS_WORDS.get(key)
         if status is None:
-            raise ProtocolError(f"{self.name}: unknown status {word!r} @ {field}", field=field)
+            log.warning("%s: unknown status %r @ %s, taken as processing", self.name, word, field)
+            return TaskStatus.PROCESSING
         return status
 
     def snapshot(

@@ -23,8 +23,17 @@ from typing import Any, ClassVar
 import attrs
 
 from ..errors import InvalidRequestError, ProtocolError
-from ..models import IntText, Output, TaskStatus, structure
-from ._base import Codec, ErrorReport, HttpRequest, Snapshot, error_report, require_prompt
+from ..models import Output, TaskStatus, structure
+from ._base import (
+    Codec,
+    ErrorReport,
+    HttpRequest,
+    Snapshot,
+    error_report,
+    require_prompt,
+    success_code,
+    whole_number,
+)
 
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "auto")
 RESOLUTIONS = ("1K", "2K", "4K")
@@ -35,12 +44,14 @@ MAX_IMAGE_URLS = 8
 
 @attrs.frozen
 class ImageFile:
+    """An output file; its numbers are strings in the seed and read best-effort."""
+
     url: str
-    content_type: str | None = None
-    file_name: str | None = None
-    file_size: IntText | None = None
-    width: IntText | None = None
-    height: IntText | None = None
+    content_type: Any = None
+    file_name: Any = None
+    file_size: Any = None
+    width: Any = None
+    height: Any = None
 
 
 @attrs.frozen
@@ -48,14 +59,12 @@ class Dh3Output:
     task_id: str
     status: str
     images: list[ImageFile] | None = None
-    err_msg: str | None = None
+    err_msg: Any = None
 
 
 @attrs.frozen
 class Dh3Created:
-    code: int
     task_id: str
-    message: str | None = None
 
 
 def model_key(model: str, suffix: str) -> str:
@@ -105,7 +114,7 @@ class Dh3Codec(Codec):
                 fields[key] = value
         urls = fields.get("image_urls")
         if urls is not None:
-            if isinstance(urls, str) or not all(isinstance(url, str) for url in urls):
+            if not isinstance(urls, list | tuple) or not all(isinstance(url, str) for url in urls):
                 raise InvalidRequestError("dh3: image_urls must be a list of URL strings")
             if len(urls) > MAX_IMAGE_URLS:
                 raise InvalidRequestError(f"dh3: at most {MAX_IMAGE_URLS} image_urls, got {len(urls)}")
@@ -131,15 +140,15 @@ class Dh3Codec(Codec):
 
     def read_poll(self, task_id: str, model: str, body: Any) -> Snapshot:
         key = self._output_key(model, body)
-        output = structure(body.get(key), Dh3Output, provider=f"{self.name} ($.{key})")
+        output = structure(body.get(key), Dh3Output, provider=self.name, path=f"$.{key}")
         images = tuple(
             Output(
                 url=image.url,
-                content_type=image.content_type,
-                width=image.width,
-                height=image.height,
-                file_name=image.file_name,
-                file_size=image.file_size,
+                content_type=_text(image.content_type),
+                width=whole_number(image.width),
+                height=whole_number(image.height),
+                file_name=_text(image.file_name),
+                file_size=whole_number(image.file_size),
             )
             for image in output.images or ()
         )
@@ -149,7 +158,7 @@ class Dh3Codec(Codec):
             status=self.status_of(output.status, f"$.{key}.status"),
             raw=body,
             outputs=images,
-            error=output.err_msg,
+            error=_text(output.err_msg),
         )
 
     def _output_key(self, model: str, body: Any) -> str:
@@ -167,6 +176,13 @@ class Dh3Codec(Codec):
         fields = body if isinstance(body, Mapping) else {}
         code = fields.get("code")
         # No code at all is a shape problem, reported as such by the reader.
-        if http_status < 400 and code in (200, None):
+        if http_status < 400 and success_code(code) is not False:
             return None
-        return error_report(http_status, code, fields.get("message") or fields.get("msg"))
+        return error_report(
+            http_status, code, fields.get("message") or fields.get("msg") or fields.get("error")
+        )
+
+
+def _text(value: Any) -> str | None:
+    """An informational string field; anything else (or empty) is None."""
+    return value if isinstance(value, str) and value else None

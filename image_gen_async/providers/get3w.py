@@ -20,6 +20,7 @@ v3 (seed 001, PROVIDERS.md):
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,10 @@ from ._base import (
     HttpRequest,
     Snapshot,
     error_report,
+    number,
     require_prompt,
+    success_code,
+    timings,
     urls_as_outputs,
 )
 
@@ -53,17 +57,17 @@ GET3W_STATUS_WORDS: Mapping[str, TaskStatus] = {
 
 @attrs.frozen
 class Get3WTask:
-    """The task object both APIs share (v1 top level, v3 ``data``)."""
+    """The task object both APIs share (v1 top level, v3 ``data``).
+
+    Only what decides the outcome is typed strictly; informational fields are read
+    best-effort from ``raw`` so an odd value there cannot fail a finished task.
+    """
 
     id: str
     status: str
     model: str | None = None
-    code: int | None = None
     outputs: list[str] | None = None
-    timings: dict[str, float | None] | None = None
-    error: str | None = None
-    estimated_duration: float | None = None
-    created_at: str | None = None
+    error: Any = None
 
 
 @attrs.frozen
@@ -73,18 +77,23 @@ class V3Urls:
 
 @attrs.frozen
 class V3Prediction(Get3WTask):
-    """A v3 prediction: the shared task plus its poll URL and safety flags."""
+    """A v3 prediction: the shared task plus its poll URL."""
 
     urls: V3Urls | None = None
-    completed_at: str | None = None
-    has_nsfw_contents: list[bool] | None = None
 
 
 @attrs.frozen
 class V3Envelope:
-    code: int
     data: V3Prediction
-    message: str | None = None
+
+
+def error_text(value: Any) -> str | None:
+    """A failure's text from ``error``: a string, or an object's ``message``; empty is none."""
+    if isinstance(value, Mapping):
+        value = value.get("message") or value.get("error") or json.dumps(value)
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def _model_path(provider: str, model: str, segments: int | None) -> str:
@@ -107,17 +116,18 @@ class _Get3WCodec(Codec):
     env_var = "GET3W_API_KEY"
     status_words = GET3W_STATUS_WORDS
 
-    def task_snapshot(self, task: Get3WTask, model: str, raw: Any, field: str) -> Snapshot:
-        status = self.status_of(task.status, field)
+    def task_snapshot(self, task: Get3WTask, model: str, raw: Any, fields: Mapping[str, Any]) -> Snapshot:
+        """``fields`` is the task object as sent, for the best-effort informational fields."""
+        where = "$.data.status" if isinstance(task, V3Prediction) else "$.status"
         return self.snapshot(
             task_id=task.id,
             model=task.model or model,
-            status=status,
+            status=self.status_of(task.status, where),
             raw=raw,
             outputs=urls_as_outputs(task.outputs),
-            error=task.error or None,
-            timings=task.timings,
-            estimated_duration=task.estimated_duration,
+            error=error_text(task.error),
+            timings=timings(fields.get("timings")),
+            estimated_duration=number(fields.get("estimated_duration")),
             poll_url=task.urls.get if isinstance(task, V3Prediction) and task.urls else None,
         )
 
@@ -160,7 +170,7 @@ class Get3WV1Codec(_Get3WCodec):
         )
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
-        return self.task_snapshot(structure(body, Get3WTask, provider=self.name), model, body, "$.status")
+        return self.task_snapshot(structure(body, Get3WTask, provider=self.name), model, body, body)
 
     def poll_request(self, task_id: str, model: str) -> HttpRequest:
         return HttpRequest("GET", f"/v1/requests/{quote(task_id, safe='')}")
@@ -171,7 +181,8 @@ class Get3WV1Codec(_Get3WCodec):
     def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
         fields = body if isinstance(body, Mapping) else {}
         code = fields.get("code")
-        failed_in_body = isinstance(code, int) and code >= 400 and "id" not in fields
+        # A task object carries code 0 or its failure's code; an error body has a code and no id.
+        failed_in_body = success_code(code) is False and "id" not in fields
         if http_status < 400 and not failed_in_body:
             return None
         return error_report(http_status, code, fields.get("error") or fields.get("message"))
@@ -199,7 +210,7 @@ class Get3WV3Codec(_Get3WCodec):
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
         envelope = structure(body, V3Envelope, provider=self.name)
-        return self.task_snapshot(envelope.data, model, body, "$.data.status")
+        return self.task_snapshot(envelope.data, model, body, body["data"])
 
     def poll_request(self, task_id: str, model: str) -> HttpRequest:
         return HttpRequest("GET", f"/api/v3/predictions/{quote(task_id, safe='')}")
@@ -222,8 +233,9 @@ class Get3WV3Codec(_Get3WCodec):
     def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
         fields = body if isinstance(body, Mapping) else {}
         code = fields.get("code")
-        if http_status < 400 and code in (200, 0, None) and fields.get("data") is not None:
+        ok = success_code(code) is not False
+        if http_status < 400 and ok and fields.get("data") is not None:
             return None
-        if http_status < 400 and code in (200, 0):
+        if http_status < 400 and ok:
             return ErrorReport(502, code, "answer has no data")
         return error_report(http_status, code, fields.get("message") or fields.get("error"))

@@ -102,7 +102,8 @@ class NananobananaCodec(Codec):
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
         answer = structure(body, Generated, provider=self.name)
-        if answer.success and answer.imageUrls is not None:
+        accepted_async = isinstance(body, Mapping) and body.get("async") is True
+        if answer.success and answer.imageUrls and not accepted_async:
             status = TaskStatus.COMPLETED
         elif answer.success is False:
             status = TaskStatus.FAILED
