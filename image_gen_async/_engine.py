@@ -28,7 +28,7 @@ from yarl import URL
 
 from ._handle import TaskHandle
 from ._polling import DurationLearner, PollSettings, next_delay, webhook_wait
-from ._ratelimit import RateLimiter, Ticket
+from ._ratelimit import Limiter, Ticket
 from .errors import (
     ConfigurationError,
     ContentPolicyError,
@@ -97,7 +97,7 @@ class Target:
     codec: Codec
     origin: URL
     key: Secret | None
-    limiter: RateLimiter
+    limiter: Limiter
 
     def url(self, path: str) -> URL:
         return URL(str(self.origin).rstrip("/") + path, encoded=True)
