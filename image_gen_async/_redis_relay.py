@@ -87,13 +87,19 @@ class RedisRelay:
         )
 
     async def _listen(self, pubsub: PubSub, deliver: Deliver) -> None:
+        lost = False  # warn once per outage; redis-py reconnects and subscribes again
         while True:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except REDIS_ERRORS as error:
-                log.warning("webhook relay: Redis connection lost (%s); reconnecting", error)
+                if not lost:
+                    log.warning("webhook relay: Redis connection lost (%s); reconnecting", error)
+                lost = True
                 await asyncio.sleep(RECONNECT_PAUSE)
                 continue
+            if lost:
+                log.warning("webhook relay: listening again")
+                lost = False
             if message is not None and message.get("type") == "message":
                 self._receive(message["data"], deliver)
 

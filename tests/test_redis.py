@@ -28,6 +28,7 @@ from image_gen_async import (
     RedisBackend,
 )
 from image_gen_async import _redis_limit as redis_limit
+from image_gen_async import _redis_relay as redis_relay
 from image_gen_async.testing import Emulator, EmulatorProcess
 
 from .conftest import KEYS, MODELS, SessionFactory
@@ -182,6 +183,29 @@ async def test_schedule_is_keyed_by_a_hash_of_the_api_key_and_expires(redis_url:
     assert KEYS["dh3"] not in dumped and KEYS["dh3"] not in repr(backend)
 
 
+async def test_waiters_sleep_until_their_slot_and_take_turns(redis_url: str, namespace: str) -> None:
+    backends = [RedisBackend(redis_url, namespace=namespace) for _ in range(2)]
+    limiters = [backend.limiter("dh3", "k", 50.0, 0.0) for backend in backends]
+    await backends[0].redis.config_resetstat()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    order: list[int] = []
+
+    async def take(which: int) -> None:
+        await limiters[which].acquire()
+        order.append(which)
+
+    await asyncio.gather(*(take(i % 2) for i in range(20)))
+    assert loop.time() - started >= 19 * 0.02 * 0.95  # 50/s across both "processes"
+    assert order.count(0) == order.count(1) == 10
+    assert max(order[:10].count(0), order[:10].count(1)) <= 6  # turns, not one after the other
+    calls = await backends[0].redis.info("commandstats")
+    reservations = sum(v["calls"] for k, v in calls.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    assert reservations <= 22  # one script call per create (+ loading the script): no polling
+    for backend in backends:
+        await backend.close()
+
+
 async def test_a_429_slows_every_process_and_holds_the_schedule(redis_url: str, namespace: str) -> None:
     one_backend, other_backend = (RedisBackend(redis_url, namespace=namespace) for _ in range(2))
     one, other = (backend.limiter("dh3", "k", 10.0, 0.0) for backend in (one_backend, other_backend))
@@ -321,6 +345,29 @@ async def test_callback_reaching_another_instance_resolves_the_handle(
     status, answer = await b.webhooks.handle(name, replay, {"X-Get3W-Signature": signature}, token=token)
     assert status == 200 and json.loads(answer)["duplicate"] is True
     assert sb.duplicates + sa.duplicates == 21 and sb.relayed <= 40
+
+
+async def test_relay_listens_again_after_redis_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_relay, "RECONNECT_PAUSE", 0.05)
+    server = RedisServer(redis_executable())
+    server.start()
+    listener, sender = RedisBackend(server.url), RedisBackend(server.url)
+    heard: list[str] = []
+    try:
+        await listener.webhook_relay().subscribe(lambda client, task_id, payload: heard.append(task_id))
+        server.stop()
+        await asyncio.sleep(0.2)
+        server.start()
+        for attempt in range(100):  # pub/sub keeps nothing: publish until the listener is back
+            await sender.webhook_relay().publish("dh3", f"task-{attempt}", {})
+            await asyncio.sleep(0.05)
+            if heard:
+                break
+        assert heard
+    finally:
+        await listener.close()
+        await sender.close()
+        server.stop()
 
 
 @pytest.fixture
