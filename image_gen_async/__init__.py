@@ -5,14 +5,17 @@ connection pool, create-rate limits per provider and key, retries that never pay
 twice, and polling seeded from the provider's estimate and learned from finished jobs.
 """
 
+from ._backend import LimiterBackend, LocalBackend, WebhookRelay
 from ._engine import EngineSettings
 from ._handle import TaskHandle
 from ._polling import PollSettings
-from ._ratelimit import RateLimiter
+from ._ratelimit import Limiter, RateLimiter
+from ._redis import RedisBackend
 from ._session import AsyncSession, ProviderClient
 from .errors import (
     APIError,
     AuthenticationError,
+    BackendUnavailableError,
     BadRequestError,
     ConfigurationError,
     ContentPolicyError,
@@ -37,12 +40,16 @@ __all__ = [
     "APIError",
     "AsyncSession",
     "AuthenticationError",
+    "BackendUnavailableError",
     "BadRequestError",
     "ConfigurationError",
     "ContentPolicyError",
     "EngineSettings",
     "ImageGenError",
     "InvalidRequestError",
+    "Limiter",
+    "LimiterBackend",
+    "LocalBackend",
     "NotFoundError",
     "Output",
     "PaymentRequiredError",
@@ -52,6 +59,7 @@ __all__ = [
     "ProviderClient",
     "RateLimitError",
     "RateLimiter",
+    "RedisBackend",
     "ServerError",
     "SubmitUncertainError",
     "TaskFailedError",
@@ -60,5 +68,6 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "TransportError",
+    "WebhookRelay",
     "__version__",
 ]

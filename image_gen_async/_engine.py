@@ -30,7 +30,7 @@ from yarl import URL
 
 from ._handle import TaskHandle
 from ._polling import DurationLearner, PollSettings, next_delay, webhook_wait
-from ._ratelimit import RateLimiter, Ticket
+from ._ratelimit import Limiter, Ticket
 from .errors import (
     APIError,
     ConfigurationError,
@@ -103,7 +103,7 @@ class Target:
     codec: Codec
     origin: URL
     key: Secret | None
-    limiter: RateLimiter
+    limiter: Limiter
 
     def url(self, path: str) -> URL:
         return URL(str(self.origin).rstrip("/") + path, encoded=True)

@@ -13,6 +13,9 @@ in arrival order (an ``asyncio.Lock`` is first come, first served):
   connection or a busy event loop after release counts as it would at the server. The
   window keeps any catch-up within the limit and leaves ``margin`` seconds for jitter
   on the wire.
+
+``Limiter`` is what the engine needs from any limiter; ``RateLimiter`` is the
+in-process one, ``_redis_limit.RedisLimiter`` shares one schedule among processes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import heapq
 import math
 from collections import deque
+from typing import Protocol
 
 # How far a 429 cuts the pace, the floor it never goes below, and how fast it recovers.
 SLOWDOWN = 0.5
@@ -54,6 +58,32 @@ class Ticket:
         """The request never went out (no connection): give its place in the window back."""
         if self.at is None and self._limiter is not None:
             self._limiter._forget(self)
+
+
+def slot_interval(rate: float, margin: float) -> float:
+    """Seconds between two releases at ``rate``: a ``margin`` under the limit, for jitter."""
+    return (1.0 + margin) / rate
+
+
+class Limiter(Protocol):
+    """What the engine asks of a create limiter, wherever its schedule lives."""
+
+    @property
+    def rate(self) -> float | None:
+        """The configured creates per second (``None``: unpaced)."""
+
+    @property
+    def current_rate(self) -> float | None:
+        """The rate in force now: lower than ``rate`` for a while after a 429."""
+
+    async def acquire(self) -> Ticket:
+        """Wait for this caller's turn; the ticket is stamped ``sent()`` as the request goes out."""
+
+    def penalize(self, retry_after: float | None) -> None:
+        """A 429 came back: slow down, and hold every create until ``retry_after`` passed."""
+
+    def reward(self) -> None:
+        """A create went through: creep back towards ``rate``."""
 
 
 class RateLimiter:
@@ -116,7 +146,7 @@ class RateLimiter:
         ticket = Ticket(self)
         # The schedule advances from the slot, not from now, so a slightly late wake-up
         # does not lower the long-run rate; the window above bounds any catch-up.
-        self._next_slot = max(self._next_slot, now - self._margin) + (1.0 + self._margin) / rate
+        self._next_slot = max(self._next_slot, now - self._margin) + slot_interval(rate, self._margin)
         self._released.append(ticket)
         return ticket
 
@@ -124,6 +154,10 @@ class RateLimiter:
         with contextlib.suppress(ValueError):
             self._released.remove(ticket)
         self._changed.set()
+
+    def wait_time(self) -> float:
+        """Seconds until the next caller could be released (0 when one could go now)."""
+        return max(0.0, self._wait_at(asyncio.get_running_loop().time()))
 
     def penalize(self, retry_after: float | None) -> None:
         """A 429 came back: slow down, and let nothing through before ``retry_after`` passed."""

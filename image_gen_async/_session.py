@@ -12,10 +12,11 @@ from typing import Any
 
 from yarl import URL
 
+from ._backend import LimiterBackend, LocalBackend
 from ._engine import Engine, EngineSettings, Secret, Target
 from ._handle import TaskHandle
 from ._polling import PollSettings
-from ._ratelimit import RateLimiter
+from ._ratelimit import Limiter
 from .errors import ConfigurationError, InvalidRequestError
 from .models import TaskResult, TaskStatus
 from .providers import CODECS, FALLBACK_CLIENT, Snapshot
@@ -43,7 +44,7 @@ class ProviderClient:
         return str(self._target.origin)
 
     @property
-    def limiter(self) -> RateLimiter:
+    def limiter(self) -> Limiter:
         """The create limiter this client shares with every client using the same key."""
         return self._target.limiter
 
@@ -82,18 +83,20 @@ class ProviderClient:
         ``webhook_url`` passes a URL of your own instead (the handle then polls as usual).
         """
         target = self._ready_target()
-        webhook_url = self._callback_url(webhook, webhook_url)
+        webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
         snapshot, retries = await self._session._engine.create(target, model, request)
         return self._follow(snapshot, model, retries, timeout, webhook=webhook)
 
-    def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
+    async def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
         if not webhook:
             return webhook_url
         if webhook_url is not None:
             raise InvalidRequestError("pass webhook=True or webhook_url, not both")
         if not self._target.codec.has_webhooks:
             raise InvalidRequestError(f"{self.name} has no webhook mode; poll instead")
+        # With a relay, hear the other instances before the provider can call any of them.
+        await self._session.webhooks.ready()
         return self._session.webhooks.url_for(self.name)
 
     async def generate(
@@ -112,7 +115,7 @@ class ProviderClient:
         """
         target = self._ready_target()
         engine = self._session._engine
-        webhook_url = self._callback_url(webhook, webhook_url)
+        webhook_url = await self._callback_url(webhook, webhook_url)
         sync = target.codec.has_sync_mode and webhook_url is None
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=sync)
         started = time.monotonic()
@@ -207,6 +210,8 @@ class AsyncSession:
     Use as ``async with AsyncSession(...) as session`` (or call ``await session.close()``).
     Keys come from ``api_keys`` or the environment (``GET3W_API_KEY``, ``DH3_API_KEY``,
     ``NANANOBANANA_API_KEY``); ``get3w_v3`` borrows ``get3w``'s key and origin.
+    ``limiter_backend=RedisBackend(url)`` shares each key's limit and the webhook
+    callbacks with every process on that Redis (default: this process only).
     """
 
     def __init__(
@@ -227,6 +232,7 @@ class AsyncSession:
         polling: PollSettings | None = None,
         rate_limit_margin: float = 0.025,
         webhook_secrets: Mapping[str, str] | None = None,
+        limiter_backend: LimiterBackend | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         api_keys, base_urls, rate_limits = (
@@ -261,7 +267,8 @@ class AsyncSession:
             )
         )
         environ = os.environ if env is None else env
-        limiters: dict[tuple[str, str], RateLimiter] = {}
+        self._backend = limiter_backend or LocalBackend()
+        limiters: dict[tuple[str, str], Limiter] = {}
         self._clients: dict[str, ProviderClient] = {}
         for name, codec in CODECS.items():
             fallback = FALLBACK_CLIENT.get(name)
@@ -275,10 +282,13 @@ class AsyncSession:
                 raise ConfigurationError(f"rate_limits[{name!r}] must be positive or None")
             # One limiter per client and key: every create this session makes with a key shares it.
             limiter_key = (name, _key_fingerprint(key) if key else "")
-            limiter = limiters.setdefault(
-                limiter_key, RateLimiter(rate, margin=rate_limit_margin, max_pause=retry_cap)
+            if limiter_key not in limiters:
+                limiters[limiter_key] = self._backend.limiter(
+                    *limiter_key, rate, rate_limit_margin, max_pause=retry_cap
+                )
+            target = Target(
+                name, codec, _origin(name, origin), Secret(key) if key else None, limiters[limiter_key]
             )
-            target = Target(name, codec, _origin(name, origin), Secret(key) if key else None, limiter)
             self._clients[name] = ProviderClient(self, target)
         secrets = dict(webhook_secrets or {})
         if "get3w_v3" not in secrets and environ.get(WEBHOOK_SECRET_ENV):
@@ -290,6 +300,7 @@ class AsyncSession:
             self._engine,
             {name: client._target for name, client in self._clients.items()},
             secrets_by_client=secrets,
+            relay=self._backend.webhook_relay(),
         )
 
     def __repr__(self) -> str:
@@ -321,6 +332,7 @@ class AsyncSession:
         """
         await self.webhooks.close()
         await self._engine.close()
+        await self._backend.close()
 
     def client(self, name: str) -> ProviderClient:
         """The client called ``name``; ``ConfigurationError`` for an unknown name."""

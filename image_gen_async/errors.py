@@ -20,6 +20,10 @@ class ConfigurationError(ImageGenError):
     """The session or a client is set up wrongly (missing key, unknown client, closed session)."""
 
 
+class BackendUnavailableError(ImageGenError):
+    """The shared backend (Redis) could not be reached, so nothing was sent: never unlimited."""
+
+
 class InvalidRequestError(ImageGenError, ValueError):
     """A request breaks a documented limit; raised before anything is sent."""
 

@@ -11,10 +11,15 @@ Answers, so providers stop retrying exactly when they should:
 400 not JSON or not the documented shape; 401 wrong token or signature;
 404 unknown client; 413 body over the cap. Nothing slow happens in the request:
 the work is parsing the body and resolving a future.
+
+With a relay (``RedisBackend``), every instance shares one token and a callback for a
+task this instance does not hold is passed to the others, where its handle waits
+(answered 200 once relayed, 503 when Redis is away so the provider retries).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -27,9 +32,10 @@ from typing import Any
 import attrs
 from aiohttp import web
 
+from ._backend import WebhookRelay
 from ._engine import Engine, Target
 from ._handle import TaskHandle
-from .errors import ConfigurationError, ImageGenError
+from .errors import BackendUnavailableError, ConfigurationError, ImageGenError
 
 log = logging.getLogger("image_gen_async")
 
@@ -52,6 +58,8 @@ class WebhookStats:
     rejected: int = 0
     malformed: int = 0
     too_large: int = 0
+    relayed: int = 0  # passed to the other instances (relay only)
+    relay_errors: int = 0  # could not be passed on: answered 503 for the provider to retry
 
 
 def _answer(status: int, **fields: Any) -> tuple[int, bytes]:
@@ -68,14 +76,20 @@ class WebhookReceiver:
         *,
         secrets_by_client: Mapping[str, str] | None = None,
         max_body: int = MAX_BODY_BYTES,
+        relay: WebhookRelay | None = None,
     ) -> None:
         self._engine = engine
         self._targets = targets
         self._secrets = {name: value.encode() for name, value in (secrets_by_client or {}).items()}
         self._max_body = max_body
-        self._token = secrets.token_urlsafe(24)
+        self._relay = relay
+        # With a relay the token is shared by all instances and read in ready().
+        self._token: str | None = None if relay else secrets.token_urlsafe(24)
+        self._relaying = False
+        self._ready_lock = asyncio.Lock()
         self._waiting: dict[tuple[str, str], TaskHandle] = {}
-        self._early: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        # Early callbacks, and whether each was counted as unknown (relayed ones are not).
+        self._early: OrderedDict[tuple[str, str], tuple[Any, bool]] = OrderedDict()
         self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self.public_url: str | None = None
@@ -86,6 +100,20 @@ class WebhookReceiver:
 
     # Where providers are told to call.
 
+    async def ready(self) -> None:
+        """With a relay: load the shared token and start hearing the other instances (once).
+
+        ``submit(webhook=True)``, ``listen()`` and ``handle()`` call it; raises
+        ``BackendUnavailableError`` when Redis does not answer.
+        """
+        if self._relay is None or self._relaying:
+            return
+        async with self._ready_lock:
+            if not self._relaying:
+                self._token = await self._relay.token()
+                await self._relay.subscribe(self._relayed)
+                self._relaying = True
+
     def url_for(self, client: str) -> str:
         """The callback URL for one client; needs ``listen()`` or ``public_url`` set first."""
         if self.public_url is None:
@@ -93,12 +121,15 @@ class WebhookReceiver:
                 "webhook=True needs a receiver: await session.webhooks.listen(host, port), "
                 "or set session.webhooks.public_url to where your app mounts it"
             )
+        if self._token is None:
+            raise ConfigurationError("the shared webhook token is not loaded: await session.webhooks.ready()")
         return f"{self.public_url.rstrip('/')}/{client}/{self._token}"
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the receiver on its own aiohttp server; sets ``public_url`` if unset."""
         if self._runner is not None:
             raise ConfigurationError("the webhook receiver is already listening")
+        await self.ready()
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -147,7 +178,13 @@ class WebhookReceiver:
         if target is None or not target.codec.has_webhooks:
             self.stats.rejected += 1
             return _answer(404, error="unknown client")
-        if not hmac.compare_digest((token or "").encode(), self._token.encode()):
+        try:
+            await self.ready()
+        except BackendUnavailableError as error:
+            self.stats.relay_errors += 1
+            log.warning("%s callback refused for now: %s", client, error)
+            return _answer(503, error="shared backend unavailable")
+        if not hmac.compare_digest((token or "").encode(), (self._token or "").encode()):
             self.stats.rejected += 1
             log.warning("%s callback with a wrong token refused", client)
             return _answer(401, error="unknown token")
@@ -173,6 +210,8 @@ class WebhookReceiver:
         if (client, task_id) in self._settled:
             self.stats.duplicates += 1
             return _answer(200, ok=True, duplicate=True)
+        if self._relay is not None:
+            return await self._pass_on(self._relay, client, task_id, payload)
         return self._unknown(client, task_id, payload)
 
     def _signature_ok(self, target: Target, body: bytes, headers: Mapping[str, str]) -> bool:
@@ -187,10 +226,49 @@ class WebhookReceiver:
     def _unknown(self, client: str, task_id: str, payload: Any) -> tuple[int, bytes]:
         """Keep it briefly: its handle may not exist yet because the create's answer is still on its way."""
         self.stats.unknown += 1
-        self._early[(client, task_id)] = payload
+        self._keep_early((client, task_id), payload, counted=True)
+        return _answer(200, ok=True, known=False)
+
+    def _keep_early(self, key: tuple[str, str], payload: Any, *, counted: bool) -> None:
+        self._early[key] = (payload, counted)
         while len(self._early) > EARLY_ARRIVALS:
             self._early.popitem(last=False)
-        return _answer(200, ok=True, known=False)
+
+    async def _pass_on(
+        self, relay: WebhookRelay, client: str, task_id: str, payload: Any
+    ) -> tuple[int, bytes]:
+        """Not ours: a duplicate if some instance finished it, else publish it to the others.
+
+        Kept here too, before any await, in case this instance's own create answer is late.
+        """
+        key = (client, task_id)
+        self._keep_early(key, payload, counted=False)
+        try:
+            if await relay.settled(client, task_id):
+                self._early.pop(key, None)
+                self.stats.duplicates += 1
+                return _answer(200, ok=True, duplicate=True)
+            await relay.publish(client, task_id, payload)
+        except BackendUnavailableError as error:
+            self.stats.relay_errors += 1
+            log.warning("%s callback for %s not relayed: %s", client, task_id, error)
+            return _answer(503, error="shared backend unavailable")
+        self.stats.relayed += 1
+        return _answer(200, ok=True, relayed=True)
+
+    def _relayed(self, client: str, task_id: str, payload: Any) -> None:
+        """A callback another instance took: apply it if the handle is here, else keep it early."""
+        target = self._targets.get(client)
+        if target is None:
+            return
+        key = (client, task_id)
+        handle = self._waiting.get(key)
+        if handle is not None:
+            self._apply(target, handle, payload)
+        elif key in self._settled:
+            self.stats.duplicates += 1
+        else:
+            self._keep_early(key, payload, counted=False)
 
     def _apply(self, target: Target, handle: TaskHandle, payload: Any) -> tuple[int, bytes]:
         if handle.done():
@@ -217,8 +295,10 @@ class WebhookReceiver:
         handle.add_done_callback(lambda done: self._forget(key, done))
         early = self._early.pop(key, None)
         if early is not None:
-            self.stats.unknown -= 1
-            self._apply(target, handle, early)
+            payload, counted = early
+            if counted:
+                self.stats.unknown -= 1
+            self._apply(target, handle, payload)
 
     def _forget(self, key: tuple[str, str], handle: TaskHandle) -> None:
         """The handle is done (by callback, poll, cancel or deadline): later callbacks are duplicates."""
@@ -227,3 +307,5 @@ class WebhookReceiver:
         self._settled[key] = None
         while len(self._settled) > REMEMBERED:
             self._settled.popitem(last=False)
+        if self._relay is not None:
+            self._relay.mark_settled(*key)

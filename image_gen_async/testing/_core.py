@@ -233,6 +233,8 @@ class Core:
         if kind != "create":
             return 0
         self.stats.create_requests[provider] += 1
+        self.stats.first_create_at.setdefault(provider, now)
+        self.stats.last_create_at[provider] = now
         arrivals = self._windows[provider].arrive(now)
         if arrivals > self.stats.max_creates_in_1s[provider]:
             self.stats.max_creates_in_1s[provider] = arrivals

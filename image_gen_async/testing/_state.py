@@ -82,6 +82,8 @@ class Stats:
     Per-provider Counters read 0 for missing keys. `webhooks_sent` counts deliveries the
     receiver acknowledged (2xx; dh3: exactly 200), `webhooks_failed` those given up,
     `webhook_attempts` every POST tried; `faults_injected` is keyed (provider, kind, fault).
+    `first_create_at` / `last_create_at` are the emulator's monotonic clock at the first
+    and last create request, so a test can compute the rate the server saw.
     """
 
     creates: Counter[str] = field(default_factory=_counter)
@@ -89,6 +91,8 @@ class Stats:
     polls: Counter[str] = field(default_factory=_counter)
     rate_limited: Counter[str] = field(default_factory=_counter)
     max_creates_in_1s: Counter[str] = field(default_factory=_counter)
+    first_create_at: dict[str, float] = field(default_factory=dict)
+    last_create_at: dict[str, float] = field(default_factory=dict)
     webhooks_sent: Counter[str] = field(default_factory=_counter)
     webhook_attempts: Counter[str] = field(default_factory=_counter)
     webhooks_failed: Counter[str] = field(default_factory=_counter)
@@ -104,6 +108,8 @@ class Stats:
             "polls": dict(self.polls),
             "rate_limited": dict(self.rate_limited),
             "max_creates_in_1s": dict(self.max_creates_in_1s),
+            "first_create_at": dict(self.first_create_at),
+            "last_create_at": dict(self.last_create_at),
             "webhooks_sent": dict(self.webhooks_sent),
             "webhook_attempts": dict(self.webhook_attempts),
             "webhooks_failed": dict(self.webhooks_failed),
