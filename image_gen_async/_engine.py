@@ -29,7 +29,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from ._handle import TaskHandle
-from ._polling import DurationLearner, PollSettings, next_delay, webhook_wait
+from ._polling import PollPlanner, PollSettings, webhook_wait
 from ._ratelimit import Limiter, Ticket
 from .errors import (
     APIError,
@@ -57,8 +57,6 @@ USER_AGENT = "image-gen-async/0.1"
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 _NOT_JSON = object()
 _QUERY = re.compile(r"\?[^\s'\"]*")
-# How much less than "done at the first poll" a job is taken to have lasted (see observed_duration).
-CENSORED_SHRINK = 0.9
 
 
 class Secret:
@@ -225,11 +223,11 @@ def _describe(error: BaseException) -> str:
 
 
 class Engine:
-    """Owns the one aiohttp session, the duration learner and the running poll loops."""
+    """Owns the one aiohttp session, the poll planner and the running poll loops."""
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
-        self.learner = DurationLearner(settings.polling.history)
+        self.planner = PollPlanner(settings.polling.history)
         self._http: aiohttp.ClientSession | None = None
         self._pollers: dict[asyncio.Task[None], TaskHandle] = {}
         self.closed = False
@@ -469,7 +467,7 @@ class Engine:
         """Follow an accepted task to its end in the background (after a webhook wait, if any)."""
         self.http()  # a closed session starts nothing
         poller = asyncio.get_running_loop().create_task(
-            self.follow(target, handle, snapshot, timeout, webhook=webhook),
+            self.follow(target, handle, snapshot, timeout, accepted=time.monotonic(), webhook=webhook),
             name=f"image_gen_async poll {target.name} {handle.task_id}",
         )
         handle._poller = poller
@@ -496,47 +494,57 @@ class Engine:
         snapshot: Snapshot,
         timeout: float | None,
         *,
+        accepted: float,
         webhook: bool = False,
     ) -> None:
-        """The poll loop: sleep on the learned schedule, poll, until terminal or the deadline.
+        """The poll loop: sleep until the planned age, poll, until terminal or the deadline.
 
-        A job waiting on a webhook first sleeps until it is clearly late; a callback that
-        comes in the meantime cancels this loop, so polling is only the safety net.
+        Ages count from ``accepted`` (when the create's answer came back). A job waiting on
+        a webhook first sleeps until it is clearly late; a callback that comes in the
+        meantime cancels this loop, so polling is only the safety net.
         """
         settings = self.settings.polling
-        started = time.monotonic()
-        deadline = started + (self.settings.task_timeout if timeout is None else timeout)
+        deadline = accepted + (self.settings.task_timeout if timeout is None else timeout)
         key = (target.name, handle.model)
+        estimate = handle.estimated_duration
         request = self.poll_request(target, handle, snapshot.poll_url)
-        last_pending = 0.0
+        last_poll: float | None = None
+        last_running = 0.0
         try:
             if webhook:
-                upper = self.learner.upper_bound(key, handle.estimated_duration)
-                await asyncio.sleep(min(webhook_wait(upper, settings), max(0.0, deadline - started)))
+                upper = self.planner.upper_bound(key, estimate)
+                await asyncio.sleep(min(webhook_wait(upper, settings), max(0.0, deadline - accepted)))
                 log.info("%s task %s: no callback yet, polling", target.name, handle.task_id)
             while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise self.late(target, handle, started)
-                lower = self.learner.lower_bound(key, handle.estimated_duration)
-                delay = next_delay(now - started, lower, settings)
-                await asyncio.sleep(min(delay, deadline - now))
+                # Sleep until the planned age; re-plan on waking, since other jobs may have
+                # taught the planner that this one cannot be done yet.
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise self.late(target, handle, accepted)
+                    wait = accepted + self.planner.next_poll_age(key, estimate, last_poll, settings) - now
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(min(wait, deadline - now))
+                last_poll = time.monotonic() - accepted
                 try:
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                         snapshot = await self.poll(target, handle, request)
                 except TimeoutError:
-                    raise self.late(target, handle, started) from None
+                    raise self.late(target, handle, accepted) from None
                 handle.polls += 1
                 handle.observe(snapshot.status)
                 if snapshot.result is not None:
-                    done = time.monotonic() - started
-                    self.finish(target, handle, snapshot.result, observed_duration(last_pending, done))
+                    self.finish(target, handle, snapshot.result, (last_running, last_poll))
                     return
-                last_pending = time.monotonic() - started
+                last_running = last_poll
+                self.planner.running(key, handle, last_poll, estimate)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # every failure ends on the handle, never in a lost task
             handle.fail(error)
+        finally:
+            self.planner.forget(key, handle)
 
     def poll_request(self, target: Target, handle: TaskHandle, poll_url: str | None) -> HttpRequest:
         """The codec's status call, or the server's own poll URL when it is on our origin."""
@@ -560,29 +568,29 @@ class Engine:
         poller = handle._poller
         if poller is not None:
             poller.cancel()
-        self.finish(target, handle, snapshot.result, time.time() - handle.submitted_at)
+        took = time.time() - handle.submitted_at
+        self.finish(target, handle, snapshot.result, (took, took))
         return True
 
-    def finish(self, target: Target, handle: TaskHandle, result: TaskResult, duration: float | None) -> None:
-        """Resolve a handle from a terminal result, learning from a completed job's duration."""
+    def finish(
+        self,
+        target: Target,
+        handle: TaskHandle,
+        result: TaskResult,
+        took: tuple[float, float] | None,
+    ) -> None:
+        """Resolve a handle from a terminal result.
+
+        ``took`` brackets a completed job's duration for the planner: the last age it was seen
+        running (0 if never) and the age it was seen done; equal when known exactly.
+        """
         if result.status is TaskStatus.COMPLETED:
-            if duration is not None:
-                self.learner.record((target.name, handle.model), duration, handle.estimated_duration)
+            if took is not None:
+                key = (target.name, handle.model)
+                self.planner.completed(key, handle, took[0], took[1], handle.estimated_duration)
             handle.resolve(result)
         else:
             handle.fail(failure_error(target.codec, result))
-
-
-def observed_duration(last_pending: float, done: float) -> float:
-    """What a job took, judged from the last poll that saw it running and the one that saw it done.
-
-    Done at the first poll says only "at most ``done``": learn a little less than that, so
-    the next job's first poll comes slightly earlier and the schedule finds the true
-    duration from above instead of staying late forever.
-    """
-    if last_pending <= 0:
-        return done * CENSORED_SHRINK
-    return (last_pending + done) / 2
 
 
 def failure_error(codec: Codec, result: TaskResult) -> TaskFailedError:

@@ -1,24 +1,46 @@
-"""When to poll: seeded from the provider's ``estimated_duration``, learned from finished jobs.
+"""When to poll: seeded from the provider's ``estimated_duration``, learned from other jobs.
 
-Each wait is a fixed share (``growth``) of the time already elapsed, so a job is
-seen done at most about that share of its duration after it finished. Polling
-starts once the job could plausibly be done: at the lower bound of what this
-provider+model took recently, or, before anything is learned, at half the
-provider's estimate (estimates are up to 2x off either way). With nothing known
-the waits grow faster, and the first finished job teaches the rest.
+The aim: see each job done soon after it finishes (within ``growth`` of its duration)
+with as few polls as possible. Each poll comes ``growth`` later than the one before,
+relative to the job's age; the question is when to start.
+
+- Warm (jobs of this provider+model have completed): start at a low quantile of their
+  durations. Each completed job tells us its duration lies between its last poll that
+  saw it running and the one that saw it done; jobs done at their first poll tell only
+  an upper bound. From these brackets the median and the 97th percentile are read off
+  an interpolated distribution, and the 3rd percentile is taken as their mirror image in
+  log space (``median**2 / q97``): the lower tail is the part a good schedule never
+  observes, because it only polls there when it must.
+- Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
+- Cold, with jobs still running: no job is expected to end before ``SHRINK`` times the
+  age of the ``K``-th oldest job still running, so younger jobs wait rather than poll.
+  A job re-reads this when it wakes and sleeps on if the bar has moved past its age.
+- Nothing known at all: ``first_poll``, then the usual growth.
+
+Durations are learned relative to the estimate when there is one (an estimate that is
+2x off is 2x off for every job of that model), in seconds otherwise.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
+from collections.abc import Hashable
 
 import attrs
 
 # Estimates can be this far off either way before anything is learned.
-ESTIMATE_LOW_FACTOR = 0.5
+ESTIMATE_LOW_FACTOR = 0.45
 ESTIMATE_HIGH_FACTOR = 2.0
+# Cold: no job is expected to finish before SHRINK x the age of the K-th oldest still running.
+PENDING_RANK = 5
+SHRINK = 0.8
+# With half the jobs done at their first poll, the median is not seen: start this much earlier.
+CENSORED_BACKOFF = 0.85
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
 WEBHOOK_LATE_FACTOR = 1.25
+
+Key = tuple[str, str]
 
 
 @attrs.frozen
@@ -26,11 +48,10 @@ class PollSettings:
     """Poll timing knobs; the defaults suit jobs of seconds to minutes."""
 
     growth: float = 0.08
-    cold_growth: float = 0.3
     first_poll: float = 2.0
     min_interval: float = 0.25
     max_interval: float = 30.0
-    history: int = 32
+    history: int = 128
     webhook_grace: float = 5.0
     webhook_unknown_wait: float = 120.0
 
@@ -55,47 +76,130 @@ class PollSettings:
         )
 
 
-class DurationLearner:
-    """Recent durations of completed jobs per provider+model, and how far off estimates were."""
+class _History:
+    """One provider+model: brackets of completed jobs and ages of jobs still running."""
 
-    __slots__ = ("_durations", "_history", "_ratios")
+    __slots__ = ("brackets", "lower", "running")
 
-    def __init__(self, history: int = 32) -> None:
-        self._history = history
-        self._durations: dict[tuple[str, str], deque[float]] = {}
-        self._ratios: dict[tuple[str, str], deque[float]] = {}
+    def __init__(self, size: int) -> None:
+        self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
+        self.running: dict[Hashable, float] = {}
+        self.lower: float | None = None  # cached warm lower bound, reset on each completion
 
-    def record(self, key: tuple[str, str], duration: float, estimate: float | None) -> None:
-        """Learn from one completed job (its duration as seen from the client)."""
-        if duration <= 0:
-            return
-        self._durations.setdefault(key, deque(maxlen=self._history)).append(duration)
+
+class PollPlanner:
+    """Learns per provider+model from every job of the session and plans each job's polls."""
+
+    __slots__ = ("_history", "_size")
+
+    def __init__(self, history: int = 128) -> None:
+        self._size = history
+        self._history: dict[Key, _History] = {}
+
+    def _of(self, key: Key) -> _History:
+        history = self._history.get(key)
+        if history is None:
+            history = self._history[key] = _History(self._size)
+        return history
+
+    def running(self, key: Key, job: Hashable, age: float, estimate: float | None) -> None:
+        """A poll saw ``job`` still running at ``age`` seconds."""
+        running = self._of(key).running
+        running[job] = _relative(age, estimate)
+        if len(running) > 4 * self._size:
+            del running[next(iter(running))]
+
+    def completed(
+        self, key: Key, job: Hashable, last_running: float, done: float, estimate: float | None
+    ) -> None:
+        """``job`` was seen done at age ``done``; ``last_running`` is its last age seen running (0: none)."""
+        history = self._of(key)
+        history.running.pop(job, None)
+        history.brackets.append((_relative(last_running, estimate), _relative(done, estimate)))
+        history.lower = None
+
+    def forget(self, key: Key, job: Hashable) -> None:
+        """``job`` ended some other way (failed, cancelled): it no longer says anything."""
+        history = self._history.get(key)
+        if history is not None:
+            history.running.pop(job, None)
+
+    def lower_bound(self, key: Key, estimate: float | None) -> float | None:
+        """The earliest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
+        history = self._history.get(key)
+        if history is not None and history.brackets:
+            if history.lower is None:
+                history.lower = _warm_lower(history.brackets)
+            return history.lower * (estimate or 1.0)
+        bounds = []
+        if history is not None and len(history.running) >= PENDING_RANK:
+            oldest = heapq.nlargest(PENDING_RANK, history.running.values())[-1]
+            bounds.append(oldest * SHRINK)
         if estimate:
-            self._ratios.setdefault(key, deque(maxlen=self._history)).append(duration / estimate)
+            bounds.append(ESTIMATE_LOW_FACTOR)
+        return max(bounds) * (estimate or 1.0) if bounds else None
 
-    def lower_bound(self, key: tuple[str, str], estimate: float | None) -> float | None:
-        """The earliest a new job of this kind is plausibly done, or None if nothing is known."""
-        ratios = self._ratios.get(key)
-        if estimate and ratios:
-            return estimate * min(ratios)
-        durations = self._durations.get(key)
-        if durations:
-            return min(durations)
-        if estimate:
-            return estimate * ESTIMATE_LOW_FACTOR
-        return None
+    def upper_bound(self, key: Key, estimate: float | None) -> float | None:
+        """The latest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
+        history = self._history.get(key)
+        if history is not None and history.brackets:
+            return max(done for _, done in history.brackets) * (estimate or 1.0)
+        return estimate * ESTIMATE_HIGH_FACTOR if estimate else None
 
-    def upper_bound(self, key: tuple[str, str], estimate: float | None) -> float | None:
-        """The latest a new job of this kind plausibly finishes, or None if nothing is known."""
-        ratios = self._ratios.get(key)
-        if estimate and ratios:
-            return estimate * max(ratios)
-        durations = self._durations.get(key)
-        if durations:
-            return max(durations)
-        if estimate:
-            return estimate * ESTIMATE_HIGH_FACTOR
-        return None
+    def next_poll_age(
+        self,
+        key: Key,
+        estimate: float | None,
+        last_poll: float | None,
+        settings: PollSettings,
+    ) -> float:
+        """The age at which a job should next be polled (``last_poll``: its last poll's age, if any)."""
+        growth = 1 + settings.growth
+        lower = self.lower_bound(key, estimate)
+        if last_poll is None:
+            return settings.first_poll if lower is None else lower * growth
+        target = last_poll * growth
+        if lower is not None:
+            # New knowledge may move a running job on, never closer than one growth step below it.
+            target = max(target, lower)
+        return min(last_poll + settings.max_interval, max(last_poll + settings.min_interval, target))
+
+
+def _relative(age: float, estimate: float | None) -> float:
+    return age / estimate if estimate else age
+
+
+def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
+    """The 3rd percentile of the durations the brackets describe (see the module docstring)."""
+    censored = [done for running, done in brackets if running <= 0]
+    seen = [(running, done) for running, done in brackets if running > 0]
+    total = len(brackets)
+    if len(censored) >= 0.45 * total or len(seen) < 4:
+        # The median is hidden below the first polls: start earlier than most were seen done.
+        reference = sorted(censored)[len(censored) // 2] if censored else min(r for r, _ in seen)
+        return reference * CENSORED_BACKOFF
+
+    def share_done_by(x: float) -> float:
+        # Each bracketed job is spread evenly over its bracket; a censored one sits at its bound.
+        count = sum(_share(x, running, done) for running, done in seen)
+        return (count + sum(1 for done in censored if done <= x)) / total
+
+    def quantile(p: float) -> float:
+        low, high = 0.0, max(done for _, done in brackets)
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if share_done_by(middle) < p else (low, middle)
+        return high
+
+    median = quantile(0.5)
+    return median * median / quantile(0.97)
+
+
+def _share(x: float, running: float, done: float) -> float:
+    """How much of a job known to end in (running, done] has ended by ``x``."""
+    if done <= running:
+        return 1.0 if x >= done else 0.0
+    return min(1.0, max(0.0, (x - running) / (done - running)))
 
 
 def webhook_wait(upper_bound: float | None, settings: PollSettings) -> float:
@@ -103,12 +207,3 @@ def webhook_wait(upper_bound: float | None, settings: PollSettings) -> float:
     if upper_bound is None:
         return settings.webhook_unknown_wait
     return upper_bound * WEBHOOK_LATE_FACTOR + settings.webhook_grace
-
-
-def next_delay(elapsed: float, lower_bound: float | None, settings: PollSettings) -> float:
-    """Seconds to wait before the next poll of a job that has run ``elapsed`` seconds."""
-    if lower_bound is None:
-        target = elapsed * (1 + settings.cold_growth) if elapsed > 0 else settings.first_poll
-    else:
-        target = max(elapsed, lower_bound) * (1 + settings.growth)
-    return min(settings.max_interval, max(settings.min_interval, target - elapsed))

@@ -170,7 +170,8 @@ class ProviderClient:
             retries=retries,
         )
         if snapshot.result is not None:
-            engine.finish(target, handle, snapshot.result, sync_duration)
+            took = None if sync_duration is None else (sync_duration, sync_duration)
+            engine.finish(target, handle, snapshot.result, took)
         else:
             engine.start(target, handle, snapshot, timeout, webhook=webhook)
             if webhook:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 
 import pytest
 
 from image_gen_async import AsyncSession, PollSettings, RateLimiter
-from image_gen_async._polling import DurationLearner, next_delay
+from image_gen_async._polling import PollPlanner
 from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 
 from .conftest import KEYS, MODELS, SessionFactory
@@ -80,28 +81,47 @@ async def test_cancelled_waiter_gives_its_slot_back() -> None:
     assert loop.time() - started < 0.15  # one slot of 0.1 s, not two
 
 
-def test_poll_schedule() -> None:
+def test_poll_plan_from_nothing_estimates_and_running_jobs() -> None:
     settings = PollSettings(first_poll=2.0, min_interval=0.25, max_interval=30.0, growth=0.08)
-    # Nothing known: the first poll comes at first_poll, then waits grow by cold_growth.
-    assert next_delay(0.0, None, settings) == 2.0
-    assert next_delay(10.0, None, settings) == pytest.approx(3.0)
-    # Seeded: nothing before the lower bound, then waits of `growth` times the elapsed time.
-    assert next_delay(0.0, 20.0, settings) == pytest.approx(21.6)
-    assert next_delay(25.0, 20.0, settings) == pytest.approx(2.0)
-    assert next_delay(1000.0, 20.0, settings) == 30.0
-    assert next_delay(1.0, 0.1, settings) == 0.25
+    planner = PollPlanner()
+    key = ("dh3", "m")
+    # Nothing known: first_poll, then 8 % more age per poll, within the interval bounds.
+    assert planner.next_poll_age(key, None, None, settings) == 2.0
+    assert planner.next_poll_age(key, None, 10.0, settings) == pytest.approx(10.8)
+    assert planner.next_poll_age(key, None, 1.0, settings) == pytest.approx(1.25)
+    assert planner.next_poll_age(key, None, 1000.0, settings) == pytest.approx(1030.0)
+    # An estimate may be 2x too high: start just before half of it.
+    assert planner.next_poll_age(key, 52.0, None, settings) == pytest.approx(52 * 0.45 * 1.08)
+    # Five jobs still running at 20 s or more: a new job need not look before 16 s.
+    for job, age in enumerate([20.0, 21.0, 22.0, 23.0, 24.0, 3.0]):
+        planner.running(key, job, age, None)
+    assert planner.lower_bound(key, None) == pytest.approx(16.0)
+    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(16.0)  # moved on
+    planner.forget(key, 0)
+    assert planner.lower_bound(key, None) == pytest.approx(2.4)  # the 5th oldest is now 3 s
 
 
-def test_learner_uses_estimates_then_history() -> None:
-    learner = DurationLearner()
+def test_poll_plan_learns_the_low_tail_from_brackets() -> None:
+    planner = PollPlanner()
     key = ("get3w", "m")
-    assert learner.lower_bound(key, None) is None
-    assert learner.lower_bound(key, 52.0) == 26.0  # estimates can be 2x too high
-    learner.record(key, 27.0, 52.0)
-    learner.record(key, 30.0, 52.0)
-    assert learner.lower_bound(key, 52.0) == pytest.approx(27.0)
-    assert learner.lower_bound(key, 104.0) == pytest.approx(54.0)  # the ratio carries over
-    assert learner.lower_bound(key, None) == 27.0
+    # Durations 27 s ± 10 %, each seen between its last running poll and the done one.
+    for i in range(100):
+        duration = 27 * (0.9 + 0.2 * i / 99)
+        planner.completed(key, i, duration * 0.96, duration * 1.04, 52.0)
+    lower = planner.lower_bound(key, 52.0)
+    assert lower is not None and 27 * 0.88 < lower < 27 * 0.93
+    # Relative to the estimate: a model estimated 2x higher is expected to take 2x longer.
+    assert planner.lower_bound(key, 104.0) == pytest.approx(2 * lower)
+    upper = planner.upper_bound(key, 52.0)
+    assert upper is not None and upper == pytest.approx(27 * 1.1 * 1.04)
+
+
+def test_poll_plan_backs_off_when_most_jobs_are_done_at_the_first_poll() -> None:
+    planner = PollPlanner()
+    key = ("dh3", "m")
+    for i in range(10):
+        planner.completed(key, i, 0.0, 30.0, None)  # done at the first poll, 30 s
+    assert planner.lower_bound(key, None) == pytest.approx(30 * 0.85)
 
 
 @pytest.mark.parametrize("bias", [0.5, 1.0, 2.0])
@@ -114,14 +134,18 @@ async def test_polling_seeded_from_estimate_stays_cheap(make_session: SessionFac
         )
         handle = await session.get3w.submit(MODELS["get3w"], prompt="a fox")
         await handle
-        # Cold, from the estimate alone: polls start near half the estimate and grow 8 % a step.
+        # Cold, from the estimate alone: polls start before half the estimate and grow 8 % a step.
         assert handle.estimated_duration == pytest.approx(0.2 * bias)
-        assert handle.polls <= 16
+        assert handle.polls <= math.log(1.1 / (0.45 * bias)) / math.log(1.08) + 2
+        cold = await asyncio.gather(
+            *(session.get3w.submit(MODELS["get3w"], prompt=f"c{i}") for i in range(9))
+        )
+        await asyncio.gather(*cold)
         warm = await asyncio.gather(
             *(session.get3w.submit(MODELS["get3w"], prompt=f"fox {i}") for i in range(20))
         )
         await asyncio.gather(*warm)
-        assert sum(h.polls for h in warm) / len(warm) <= 3.0
+        assert sum(h.polls for h in warm) / len(warm) <= 2.5
 
 
 async def test_polling_learns_without_an_estimate(make_session: SessionFactory) -> None:
