@@ -81,6 +81,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[JobSpec | InvalidSpec |
             yield value if isinstance(value, Mapping) else InvalidSpec(text, "not a JSON object")
 
 
+def read_results(out_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The lines of a batch's results.jsonl, read lazily (a retried job may have a later line)."""
+    with open(Path(out_dir) / RESULTS_NAME, encoding="utf-8") as file:
+        for text in file:
+            yield json.loads(text)
+
+
 def count_jobs(path: str | os.PathLike[str]) -> int:
     """Non-blank lines of a JSONL file, counted without holding it in memory."""
     with open(path, encoding="utf-8") as file:

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from image_gen_async.batch import JOURNAL_NAME, RESULTS_NAME
+from image_gen_async.batch import JOURNAL_NAME, read_results
 
 
 def results(directory: Path) -> list[dict[str, Any]]:
     """The lines of a batch's results.jsonl."""
-    with open(directory / RESULTS_NAME, encoding="utf-8") as file:
-        return [json.loads(line) for line in file]
+    return list(read_results(directory))
 
 
 def journal_rows(directory: Path, query: str) -> list[tuple[Any, ...]]:
