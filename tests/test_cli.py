@@ -89,6 +89,14 @@ async def test_generate_prints_the_result_and_saves_it(emulator: Emulator, tmp_p
     assert code == 1 and "TaskFailedError" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+async def test_the_console_script_is_installed() -> None:
+    # The README's first set-up command runs it from the venv's bin directory.
+    script = Path(sys.executable).parent / "image-gen-async"
+    process = await asyncio.create_subprocess_exec(str(script), "--version", stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    assert process.returncode == 0 and out.startswith(b"image-gen-async ")
+
+
 async def test_a_missing_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
     source = write_jobs(tmp_path / "jobs.jsonl", ["a fox"])
     code, _, stderr = await cli(
