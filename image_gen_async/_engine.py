@@ -325,13 +325,20 @@ class Engine:
         return Answer(response.status, response.headers, raw)
 
     async def create(
-        self, target: Target, model: str, request: HttpRequest, *, read_timeout: float | None = None
+        self,
+        target: Target,
+        model: str,
+        request: HttpRequest,
+        *,
+        read_timeout: float | None = None,
+        before_send: Callable[[], object] | None = None,
     ) -> tuple[Snapshot, int]:
         """Send a create, retrying only what cannot have made a task; the snapshot and retries.
 
         Whether the request can have reached the provider is known exactly: its limiter
         ticket is stamped when the headers are written. Unsent, it is retried; sent with
-        no clear answer, it is ``SubmitUncertainError``.
+        no clear answer, it is ``SubmitUncertainError``. ``before_send()`` runs before
+        each attempt goes out, after its rate-limit turn.
         """
         codec = target.codec
         body = encode_body(request)
@@ -350,6 +357,8 @@ class Engine:
         async def once() -> Snapshot:
             ticket = await target.limiter.acquire()
             try:
+                if before_send is not None:
+                    before_send()
                 answer = await self.send(target, request, body=body, read_timeout=read_timeout, ticket=ticket)
             except (TransportError, ProtocolError) as error:
                 if not ticket.was_sent:

@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -17,6 +18,7 @@ from ._engine import Engine, EngineSettings, Secret, Target
 from ._handle import TaskHandle
 from ._polling import PollSettings
 from ._ratelimit import Limiter
+from .download import DEFAULT_MAX_BYTES, download_result
 from .errors import ConfigurationError, InvalidRequestError
 from .models import TaskResult, TaskStatus
 from .providers import CODECS, FALLBACK_CLIENT, Snapshot
@@ -51,6 +53,13 @@ class ProviderClient:
     def __repr__(self) -> str:
         return f"<ProviderClient {self.name} {self.base_url}>"
 
+    def check_ready(self) -> None:
+        """Raise ``ConfigurationError`` now if this client has no key or the session is closed.
+
+        Lets a pipeline fail on a missing key before it records or sends anything.
+        """
+        self._ready_target()
+
     def _ready_target(self) -> Target:
         engine = self._session._engine
         engine.http()  # raises ConfigurationError once the session is closed
@@ -69,6 +78,7 @@ class ProviderClient:
         webhook: bool = False,
         webhook_url: str | None = None,
         timeout: float | None = None,
+        before_create: Callable[[], object] | None = None,
         **params: Any,
     ) -> TaskHandle:
         """Create a task and return its handle once the provider has accepted it.
@@ -81,11 +91,15 @@ class ProviderClient:
         ``webhook=True`` has the provider push the result to ``session.webhooks``; the
         handle polls only if no callback comes well after the job should have ended.
         ``webhook_url`` passes a URL of your own instead (the handle then polls as usual).
+        ``before_create()`` is called right before each create attempt is sent, after its
+        rate-limit turn: a journal records there that the job may exist from now on.
         """
         target = self._ready_target()
         webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
-        snapshot, retries = await self._session._engine.create(target, model, request)
+        snapshot, retries = await self._session._engine.create(
+            target, model, request, before_send=before_create
+        )
         return self._follow(snapshot, model, retries, timeout, webhook=webhook)
 
     async def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
@@ -334,6 +348,21 @@ class AsyncSession:
         await self.webhooks.close()
         await self._engine.close()
         await self._backend.close()
+
+    async def download(
+        self,
+        result: TaskResult,
+        directory: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> list[Path]:
+        """Save ``result``'s outputs in ``directory`` as ``{task id}_{index}{ext}``; their paths.
+
+        Streams each file to a ``*.part`` and renames it into place; only http(s) URLs,
+        at most ``max_bytes`` each, no credentials sent, files already there kept.
+        Raises ``DownloadError`` (or ``TransportError`` after the retries).
+        """
+        return await download_result(self._engine, result, Path(directory), max_bytes=max_bytes)
 
     def client(self, name: str) -> ProviderClient:
         """The client called ``name``; ``ConfigurationError`` for an unknown name."""

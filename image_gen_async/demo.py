@@ -1,21 +1,26 @@
-"""The demo: runs jobs on all four APIs against the built-in emulator, no keys needed.
+"""The demo: a batch on each of the four APIs against the built-in emulator, no keys needed.
 
-``python -m image_gen_async.demo [--jobs N]`` starts the emulator on loopback, submits
-N jobs per API at once under a scaled dh3 limit, shows progress, and prints what the
+``image-gen-async demo`` (``python -m image_gen_async.demo`` is an alias) starts the
+emulator on loopback, runs ``--jobs`` jobs per API through ``run_batch`` at once, under
+a scaled dh3 limit, with a live progress bar; it writes real PNGs and prints what the
 client did next to what the emulator counted.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import sys
-import time
-from collections import Counter
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from . import AsyncSession, ImageGenError, PollSettings, TaskHandle
-from .testing import Emulator, EmulatorConfig
+from rich.console import Console
+
+from . import AsyncSession, ConfigurationError, PollSettings
+from ._progress import BatchDisplay, print_table
+from .batch import JOURNAL_NAME, BatchStats, JobSpec, read_results, run_batch
+from .testing import EmulatorProcess
 
 MODELS = {
     "get3w": "google/nano-banana-pro/text-to-image",
@@ -24,13 +29,37 @@ MODELS = {
     "nananobanana": "nano-banana",
 }
 DH3_RATE = 40.0  # the real dh3 limit is 3/s; time in the demo runs ~13x faster
+ASPECT_RATIOS = ("1:1", "16:9", "3:4")  # the emulator shapes each PNG to the one asked for
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-async def run(jobs: int, duration: float) -> int:
-    """Run the demo; the exit status is 0 when every job ended as the emulator decided."""
-    config = EmulatorConfig(duration=duration, duration_spread=0.1, dh3_qps=DH3_RATE, failure_rate=0.02)
-    async with Emulator(config) as emulator:
-        print(f"emulator on {emulator.url}; {jobs} jobs on each of {', '.join(MODELS)}")
+def demo_jobs(name: str, count: int) -> Iterator[JobSpec]:
+    """The demo's job specs for one API."""
+    for i in range(count):
+        yield {"prompt": f"demo image {i} on {name}", "aspect_ratio": ASPECT_RATIOS[i % len(ASPECT_RATIOS)]}
+
+
+def _out_dir(chosen: Path | None) -> Path:
+    if chosen is None:
+        return Path(tempfile.mkdtemp(prefix="image-gen-async-demo-"))
+    # A fresh emulator knows none of an earlier run's tasks, so resuming one cannot work.
+    if any((chosen / name / JOURNAL_NAME).exists() for name in MODELS):
+        raise ConfigurationError(f"{chosen} holds an earlier demo: give a new directory")
+    return chosen
+
+
+async def run_demo(jobs: int, duration: float, out_dir: Path | None, console: Console) -> int:
+    """Run the demo; 0 when every job ended as the emulator decided and each was created once."""
+    directory = _out_dir(out_dir)
+    # In its own process, as a provider would be: in this one, the batches' own work would
+    # delay the server's clock and bunch creates that were sent evenly.
+    async with EmulatorProcess(
+        *("--duration", str(duration), "--duration-spread", "0.1", "--failure-rate", "0.02"),
+        *("--dh3-qps", str(DH3_RATE), "--no-record"),
+    ) as emulator:
+        console.print(
+            f"emulator on {emulator.url}; {jobs} jobs on each of {', '.join(MODELS)}", highlight=False
+        )
         polling = PollSettings(first_poll=duration / 2, min_interval=0.01, max_interval=1.0)
         async with AsyncSession(
             api_keys=dict.fromkeys(MODELS, "demo-key"),
@@ -38,64 +67,72 @@ async def run(jobs: int, duration: float) -> int:
             rate_limits={"dh3": DH3_RATE},
             polling=polling,
         ) as session:
-            started = time.monotonic()
-            handles = await asyncio.gather(
-                *(
-                    session.client(name).submit(model, prompt=f"demo image {i} in {name}")
-                    for name, model in MODELS.items()
-                    for i in range(jobs)
+            with BatchDisplay(console) as display:
+                results = await asyncio.gather(
+                    *(
+                        run_batch(
+                            session,
+                            name,
+                            model,
+                            demo_jobs(name, jobs),
+                            out_dir=directory / name,
+                            total=jobs,
+                            on_progress=display.track(name, jobs),
+                        )
+                        for name, model in MODELS.items()
+                    )
                 )
-            )
-            outcome = await _collect(handles)
-            elapsed = time.monotonic() - started
-        _report(handles, outcome, emulator, elapsed)
-        wrong = {h.task_id for h, failed in outcome.items() if failed} ^ emulator.stats.failed_tasks
-        return 0 if not wrong else 1
+        counted = await emulator.stats()
+    return _report(dict(zip(MODELS, results, strict=True)), counted, directory, console)
 
 
-async def _collect(handles: list[TaskHandle]) -> dict[TaskHandle, bool]:
-    """Await every handle, printing progress; True marks a failed job."""
-    outcome: dict[TaskHandle, bool] = {}
-    for done, future in enumerate(asyncio.as_completed(handles), 1):
-        with contextlib.suppress(ImageGenError):  # failures are counted from the handles below
-            await future
-        if done % max(1, len(handles) // 10) == 0 or done == len(handles):
-            print(f"  {done}/{len(handles)} done", flush=True)
-    for handle in handles:
-        outcome[handle] = handle.exception() is not None
-    return outcome
-
-
-def _report(
-    handles: list[TaskHandle], outcome: dict[TaskHandle, bool], emulator: Emulator, elapsed: float
-) -> None:
-    polls: Counter[str] = Counter()
-    jobs: Counter[str] = Counter()
-    failed: Counter[str] = Counter()
-    for handle in handles:
-        jobs[handle.provider] += 1
-        polls[handle.provider] += handle.polls
-        failed[handle.provider] += outcome[handle]
-    stats = emulator.stats
-    print(f"\n{'client':<14}{'jobs':>6}{'failed':>8}{'polls/job':>11}{'creates':>9}{'max/1s':>8}{'429s':>6}")
-    for name in MODELS:
-        print(
-            f"{name:<14}{jobs[name]:>6}{failed[name]:>8}{polls[name] / max(1, jobs[name]):>11.2f}"
-            f"{stats.creates[name]:>9}{stats.max_creates_in_1s[name]:>8}{stats.rate_limited[name]:>6}"
+def _report(stats: dict[str, BatchStats], counted: dict[str, Any], directory: Path, console: Console) -> int:
+    """The summary table, and whether the client's view matches the emulator's counters."""
+    columns = ("api", "jobs", "done", "failed", "PNGs", "creates", "max/1s", "429s", "polls/job", "seconds")
+    rows: list[list[object]] = []
+    failed_here: set[str] = set()
+    consistent = True
+    for name, batch in stats.items():
+        failed_here |= {r["task_id"] for r in read_results(directory / name) if r["status"] == "failed"}
+        pngs = sum(1 for path in (directory / name).glob("*.png") if path.read_bytes()[:8] == PNG_SIGNATURE)
+        jobs = batch.total or 0
+        creates = counted["creates"].get(name, 0)
+        consistent &= batch.done + batch.failed == jobs and creates == jobs and pngs == batch.done
+        rows.append(
+            [
+                name,
+                jobs,
+                batch.done,
+                batch.failed,
+                pngs,
+                creates,
+                counted["max_creates_in_1s"].get(name, 0),
+                counted["rate_limited"].get(name, 0),
+                counted["polls"].get(name, 0) / max(1, jobs),
+                batch.elapsed,
+            ]
         )
-    paid_once = all(stats.creates[name] == jobs[name] for name in MODELS)
-    verdict = "every job created exactly once" if paid_once else "CREATES DO NOT MATCH JOBS"
-    print(f"\n{len(handles)} jobs in {elapsed:.1f} s; dh3 limit {DH3_RATE:g}/s; {verdict}.")
+    # The jobs that failed are exactly those the emulator decided to fail.
+    consistent &= failed_here == set(counted["failed_tasks"])
+    print_table(console, "demo summary", columns, rows)
+    verdict = (
+        "every job created exactly once and ended as the emulator decided"
+        if consistent
+        else "CLIENT AND EMULATOR DISAGREE"
+    )
+    console.print(
+        f"dh3 limit {DH3_RATE:g}/s; {verdict}.\nimages and results.jsonl per API in {directory}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0 if consistent else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m image_gen_async.demo", description=__doc__)
-    parser.add_argument("--jobs", type=int, default=100, help="jobs per API (default 100)")
-    parser.add_argument("--duration", type=float, default=1.0, help="seconds a job takes (default 1)")
-    args = parser.parse_args(argv)
-    if args.jobs < 1 or args.duration <= 0:
-        parser.error("--jobs must be at least 1 and --duration positive")
-    return asyncio.run(run(args.jobs, args.duration))
+    """``python -m image_gen_async.demo``: the same as ``image-gen-async demo``."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -147,6 +147,11 @@ class ContentPolicyError(TaskFailedError):
     """The task was stopped by the provider's content-safety check."""
 
 
+class DownloadError(ImageGenError):
+    """An output file could not be saved: a refused URL (not http(s)), an error status,
+    or a body over the size cap. Nothing is left on disk when it is raised."""
+
+
 class TaskTimeoutError(ImageGenError, TimeoutError):
     """The handle's deadline passed before the task finished; polling has stopped."""
 

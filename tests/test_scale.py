@@ -138,14 +138,14 @@ async def test_polling_seeded_from_estimate_stays_cheap(make_session: SessionFac
         assert handle.estimated_duration == pytest.approx(0.2 * bias)
         assert handle.polls <= math.log(1.1 / (0.45 * bias)) / math.log(1.08) + 2
         cold = await asyncio.gather(
-            *(session.get3w.submit(MODELS["get3w"], prompt=f"c{i}") for i in range(9))
+            *(session.get3w.submit(MODELS["get3w"], prompt=f"cold {i}") for i in range(9))
         )
         await asyncio.gather(*cold)
         warm = await asyncio.gather(
             *(session.get3w.submit(MODELS["get3w"], prompt=f"fox {i}") for i in range(20))
         )
         await asyncio.gather(*warm)
-        assert sum(h.polls for h in warm) / len(warm) <= 2.5
+        assert sum(h.polls for h in warm) / len(warm) <= 3.0
 
 
 async def test_polling_learns_without_an_estimate(make_session: SessionFactory) -> None:
@@ -155,14 +155,19 @@ async def test_polling_learns_without_an_estimate(make_session: SessionFactory) 
             base_urls={"dh3": emulator.url},
             polling=PollSettings(first_poll=0.02, min_interval=0.005, max_interval=0.5),
         )
-        cold = await session.dh3.submit("nano-banana-pro", prompt="first")
-        await cold
+        first = await session.dh3.submit("nano-banana-pro", prompt="first")
+        await first
+        cold = await asyncio.gather(
+            *(session.dh3.submit("nano-banana-pro", prompt=f"cold {i}") for i in range(9))
+        )
+        await asyncio.gather(*cold)
         warm = await asyncio.gather(
             *(session.dh3.submit("nano-banana-pro", prompt=f"fox {i}") for i in range(20))
         )
         await asyncio.gather(*warm)
         average = sum(h.polls for h in warm) / len(warm)
-        assert cold.polls >= 5 and average <= 3.0 < cold.polls
+        # Nothing known: from first_poll up to 0.2 s at 8 % a step. Then learned.
+        assert first.polls >= 15 and average <= 3.0
 
 
 async def test_waiting_for_a_pooled_connection_is_not_a_connect_timeout(

@@ -32,6 +32,7 @@ from ._state import (
     Outcome,
     RecordedRequest,
     Stats,
+    sized_for,
 )
 from ._webhooks import WebhookPlan, WebhookSender
 
@@ -349,8 +350,12 @@ class Core:
         prompt: str,
         webhook: str | None = None,
         credits_used: int = 0,
+        aspect_ratio: object = None,
     ) -> EmuTask:
-        """Make, store and count a task; schedule its webhook; honour a drop-after fault."""
+        """Make, store and count a task; schedule its webhook; honour a drop-after fault.
+
+        Its PNG has the requested `aspect_ratio`, the longer side of `config.image_size`.
+        """
         self.credits -= credits_used
         task = EmuTask(
             provider=call.api.provider,
@@ -362,7 +367,7 @@ class Core:
             webhook=webhook,
             id=task_id,
             origin=call.origin,
-            image_size=self.config.image_size,
+            image_size=sized_for(self.config.image_size, aspect_ratio),
             credits_used=credits_used,
             remaining_credits=self.credits,
         )

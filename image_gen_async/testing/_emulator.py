@@ -12,7 +12,8 @@ Otherwise a job fails with "Upstream model error" at `failure_rate` (seeded).
 
 A job is queued for the first 20% of its duration, then running, then finished;
 state is computed from the clock on every request (no timers), and every output URL
-is `GET /files/{task_id}/0.png` on the emulator, a real PNG of `image_size`.
+is `GET /files/{task_id}/0.png` on the emulator, a real PNG of `image_size` (64x64 by
+default) reshaped to the requested aspect ratio, its longer side kept (16:9 → 64x36).
 
 Faults: `emu.script(provider, kind, fault, times)` queues deterministic faults that
 take precedence over the random rates of `config.faults`. Random 5xx on polls picks

@@ -120,7 +120,9 @@ class Dh3(ProviderAPI):
         if problem is not None:
             raise self.fail(400, f"invalid parameter: {problem}")
         task_id = uuid.uuid4().hex
-        self.core.create_task(call, task_id, model, body, inp["prompt"], callback or None)
+        self.core.create_task(
+            call, task_id, model, body, inp["prompt"], callback or None, aspect_ratio=inp.get("aspect_ratio")
+        )
         return json_response({"code": 200, "message": "ok", "task_id": task_id})
 
     async def get(self, request: web.Request, call: Call) -> web.StreamResponse:

@@ -103,7 +103,15 @@ class Get3WV1(ProviderAPI):
             raise self.fail(400)
         model = "{provider_id}/{model_id}/{run_type}".format_map(request.match_info)
         webhook = request.query.get("webhook") or None
-        task = self.core.create_task(call, str(uuid.uuid4()), model, body, body["prompt"], webhook)
+        task = self.core.create_task(
+            call,
+            str(uuid.uuid4()),
+            model,
+            body,
+            body["prompt"],
+            webhook,
+            aspect_ratio=body.get("aspect_ratio"),
+        )
         if request.query.get("sync", "").lower() in ("true", "1"):
             await self.core.wait_done(task)
             return json_response(self.result(task))
@@ -170,7 +178,9 @@ class Get3WV3(ProviderAPI):
             raise self.fail(400)
         model = request.match_info["model"]
         task_id = f"pred_{uuid.uuid4().hex}"
-        task = self.core.create_task(call, task_id, model, body, body["prompt"], webhook or None)
+        task = self.core.create_task(
+            call, task_id, model, body, body["prompt"], webhook or None, aspect_ratio=body.get("aspect_ratio")
+        )
         return self.envelope(
             {
                 "id": task.id,

@@ -131,7 +131,15 @@ class NanaNanoBanana(ProviderAPI):
         if self.core.credits < cost:
             raise self.fail(402)
         task_id = f"cl{secrets.token_hex(12)}"
-        task = self.core.create_task(call, task_id, model, body, body["prompt"], credits_used=cost)
+        task = self.core.create_task(
+            call,
+            task_id,
+            model,
+            body,
+            body["prompt"],
+            credits_used=cost,
+            aspect_ratio=body.get("aspectRatio"),
+        )
         mode = body.get("mode", "sync")
         if mode == "async":
             return json_response(

@@ -55,7 +55,7 @@ class EmulatorConfig:
     v3_poll_origin: str | None = None  # origin put in Get3W v3 urls.get instead of our own
     faults: Faults = field(default_factory=Faults)
     seed: int = 0  # seeds the fault, job and webhook RNGs (read once, at Emulator())
-    image_size: tuple[int, int] = (64, 64)  # PNG served at output URLs
+    image_size: tuple[int, int] = (64, 64)  # PNG served at output URLs (reshaped to aspect_ratio)
     credits: int = 1_000_000  # nananobanana starting credits (read once, at Emulator())
     webhook_secret: str | None = "whsec_test"  # HMAC key of X-Get3W-Signature (v3); None = unsigned
     webhook_drop: float = 0.0  # probability a finished job's callback is never sent
@@ -182,6 +182,26 @@ class EmuTask:
     def iso_finished(self) -> str:
         """Completion time in UTC with milliseconds and Z."""
         return iso_time(self.created_wall + self.duration, True)
+
+
+def sized_for(base: tuple[int, int], aspect_ratio: object) -> tuple[int, int]:
+    """The PNG size for a requested aspect ratio ("16:9"): the longer side of `base` kept.
+
+    Anything that is not "W:H" with positive numbers ("auto", "default", None) gives `base`.
+    """
+    if not isinstance(aspect_ratio, str):
+        return base
+    width_text, sep, height_text = aspect_ratio.partition(":")
+    try:
+        ratio = float(width_text) / float(height_text) if sep else 0.0
+    except (ValueError, ZeroDivisionError):
+        return base
+    if ratio <= 0:
+        return base
+    side = max(base)
+    if ratio >= 1:
+        return side, max(1, round(side / ratio))
+    return max(1, round(side * ratio)), side
 
 
 def iso_time(wall: float, millis: bool) -> str:

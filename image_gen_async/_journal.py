@@ -1,0 +1,192 @@
+"""The batch journal: one SQLite row per job, written around every provider call.
+
+States: ``pending`` → ``creating`` (committed before the create is sent) →
+``submitted`` (task id and estimate, committed as soon as the create answered) →
+``downloading`` → ``done`` | ``failed`` | ``uncertain``. A rerun reads it to poll
+instead of resubmitting, and to tell a create that may have gone out (``creating``)
+from one that never did (``pending``).
+
+Durability: WAL with ``synchronous=NORMAL``, so a commit is a write into the WAL
+(about 10 µs here) that survives the process being killed at any moment; only an OS
+crash or power loss can lose the last few commits. The one commit whose loss could
+make a rerun pay twice, ``creating``, is made with ``synchronous=FULL`` (an fsync of
+the WAL, which also makes every earlier commit durable): one fsync per create, which
+the providers' rate limits keep rare. The event-loop thread is the only writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import attrs
+
+from .errors import ConfigurationError
+
+State = Literal["pending", "creating", "submitted", "downloading", "done", "failed", "uncertain"]
+#: States that are final for a run: the job has its line in results.jsonl.
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "uncertain"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    line INTEGER PRIMARY KEY,
+    spec_hash TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_id TEXT,
+    estimated_duration REAL,
+    files TEXT,
+    error TEXT,
+    updated REAL NOT NULL
+);
+"""
+
+
+@attrs.frozen
+class JobRow:
+    """What the journal knows about one job."""
+
+    line: int
+    spec_hash: str
+    state: State
+    task_id: str | None
+    estimated_duration: float | None
+    files: tuple[str, ...]
+    error: str | None
+
+
+class Journal:
+    """The SQLite journal of one batch: ``(provider, model)`` fixed, one row per job line."""
+
+    def __init__(self, path: Path, provider: str, model: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each write commits
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._check_meta(provider, model)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _check_meta(self, provider: str, model: str) -> None:
+        """Bind the journal to one provider and model; a rerun with others is refused."""
+        wanted = {"provider": provider, "model": model}
+        found = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('provider', 'model')"))
+        if not found:
+            self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+            return
+        if found != wanted:
+            raise ConfigurationError(
+                f"{self.path} belongs to a batch on {found.get('provider')} {found.get('model')}, "
+                f"not {provider} {model}: use another output directory"
+            )
+
+    def close(self) -> None:
+        """Close the database (every write is already committed)."""
+        self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- reading --------------------------------------------------------------------
+
+    def get(self, line: int) -> JobRow | None:
+        """The row of job ``line``, or None if it was never started."""
+        row = self._db.execute(
+            "SELECT line, spec_hash, state, task_id, estimated_duration, files, error "
+            "FROM jobs WHERE line = ?",
+            (line,),
+        ).fetchone()
+        if row is None:
+            return None
+        line_, spec_hash, state, task_id, estimate, files, error = row
+        return JobRow(line_, spec_hash, state, task_id, estimate, tuple(json.loads(files or "[]")), error)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state."""
+        return dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
+    @property
+    def results_size(self) -> int:
+        """Bytes of results.jsonl that match the journal (lines past it were never committed)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'results_size'").fetchone()
+        return int(row[0]) if row else 0
+
+    # --- writing: each call is one small transaction ----------------------------------
+
+    def pending(self, line: int, spec_hash: str) -> None:
+        """Job ``line`` is about to start (again): nothing sent for it yet."""
+        self._db.execute(
+            "INSERT INTO jobs (line, spec_hash, state, updated) VALUES (?, ?, 'pending', ?) "
+            "ON CONFLICT (line) DO UPDATE SET state = 'pending', task_id = NULL, "
+            "estimated_duration = NULL, files = NULL, error = NULL, updated = excluded.updated",
+            (line, spec_hash, time.time()),
+        )
+
+    def creating(self, line: int) -> None:
+        """The create of job ``line`` goes out now: committed with an fsync before it is sent."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            self._set(line, "creating")
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def submitted(self, line: int, task_id: str, estimated_duration: float | None) -> None:
+        """The provider accepted job ``line`` as ``task_id``: from now on it is polled, never resent."""
+        self._db.execute(
+            "UPDATE jobs SET state = 'submitted', task_id = ?, estimated_duration = ?, error = NULL, "
+            "updated = ? WHERE line = ?",
+            (task_id, estimated_duration, time.time(), line),
+        )
+
+    def downloading(self, line: int) -> None:
+        """Job ``line`` finished at the provider; its files are being saved."""
+        self._set(line, "downloading")
+
+    def finish(
+        self,
+        line: int,
+        state: Literal["done", "failed", "uncertain"],
+        *,
+        spec_hash: str,
+        task_id: str | None,
+        files: list[str],
+        error: str | None,
+        results_size: int,
+    ) -> None:
+        """Job ``line`` ended, and its results line is written up to ``results_size`` bytes.
+
+        One transaction, so the journal and results.jsonl agree after any crash.
+        """
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute(
+                "INSERT INTO jobs (line, spec_hash, state, task_id, files, error, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (line) DO UPDATE SET state = excluded.state, "
+                "task_id = COALESCE(excluded.task_id, task_id), files = excluded.files, "
+                "error = excluded.error, updated = excluded.updated",
+                (line, spec_hash, state, task_id, json.dumps(files), error, time.time()),
+            )
+            db.execute(
+                "INSERT INTO meta VALUES ('results_size', ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+                (str(results_size), str(results_size)),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _set(self, line: int, state: State) -> None:
+        self._db.execute("UPDATE jobs SET state = ?, updated = ? WHERE line = ?", (state, time.time(), line))

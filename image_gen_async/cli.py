@@ -1,0 +1,290 @@
+"""The command line: ``image-gen-async generate | batch | demo | emulator``.
+
+Keys come from the environment only (GET3W_API_KEY, DH3_API_KEY, NANANOBANANA_API_KEY),
+never from the command line, where they would end up in shell history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from . import AsyncSession, ImageGenError, InvalidRequestError, PollSettings, __version__
+from ._progress import SUMMARY_COLUMNS, BatchDisplay, make_console, print_table, summary_row
+from .batch import DEFAULT_CONCURRENCY, RESERVED_KEYS, RESULTS_NAME, count_jobs, read_jsonl, run_batch
+from .download import DEFAULT_MAX_BYTES
+from .errors import ConfigurationError
+from .providers import CODECS
+
+EXIT_OK = 0  # every job done
+EXIT_FAILED = 1  # some job failed, is uncertain, or was left unfinished
+EXIT_USAGE = 2  # bad arguments, missing key, an output directory of another batch
+EXIT_INTERRUPTED = 130  # Ctrl-C; rerun the same command to resume
+
+EPILOG = """\
+keys: read from GET3W_API_KEY (get3w, get3w_v3), DH3_API_KEY, NANANOBANANA_API_KEY.
+exit codes: 0 every job done; 1 some job failed, is uncertain or unfinished;
+2 usage error (bad arguments, missing key, output directory of another batch);
+130 interrupted (rerun the same command to resume)."""
+
+
+# Provider commands repeat the keys and exit codes under their own --help.
+PROVIDER_COMMAND: dict[str, Any] = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+class UsageError(Exception):
+    """A problem with how the command was called: one line on stderr, exit 2."""
+
+
+def param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; the value is read as JSON when it is JSON (``seed=7``), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number above 0."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+def _provider_options() -> argparse.ArgumentParser:
+    """Options every command that talks to a provider takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("provider")
+    group.add_argument("--provider", required=True, choices=list(CODECS), help="the API to use")
+    group.add_argument("--model", required=True, help="the provider's model id, e.g. nano-banana-pro")
+    group.add_argument("--base-url", help="origin of the API (default: the provider's public host)")
+    group.add_argument(
+        "--rate", type=positive_float, help="creates per second (default: dh3 3, others unpaced)"
+    )
+    group.add_argument("--timeout", type=positive_float, help="seconds a job may take (default 3600)")
+    group.add_argument(
+        "--first-poll",
+        type=positive_float,
+        default=2.0,
+        help="seconds before the first poll when the provider gives no estimate (default 2)",
+    )
+    group.add_argument(
+        "--min-poll-interval",
+        type=positive_float,
+        default=0.25,
+        help="shortest wait between polls (default 0.25)",
+    )
+    group.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="image-gen-async",
+        description="Generate images on Get3W (v1, v3), dh3 and nananobanana; run resumable batches.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    provider = _provider_options()
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[provider],
+        help="one image: submit, wait, print the URLs, save with -o",
+        **PROVIDER_COMMAND,
+    )
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument(
+        "--param",
+        type=param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a provider parameter, repeatable (aspect_ratio=16:9, seed=7); JSON values are decoded",
+    )
+    generate.add_argument("-o", "--out-dir", type=Path, help="save the outputs here")
+
+    batch = commands.add_parser(
+        "batch",
+        parents=[provider],
+        help="a JSONL file of jobs into a folder; rerun to resume",
+        **PROVIDER_COMMAND,
+        description='Each line of FILE is a job: {"prompt": "...", "aspect_ratio": "16:9", ...}. '
+        f"Images, {RESULTS_NAME} and the journal go to DIR; rerunning on DIR resumes.",
+    )
+    batch.add_argument("file", type=Path, metavar="FILE.jsonl")
+    batch.add_argument("-o", "--out-dir", type=Path, required=True, metavar="DIR")
+    batch.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"jobs in flight at once (default {DEFAULT_CONCURRENCY})",
+    )
+    batch.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
+    batch.add_argument(
+        "--resubmit-uncertain",
+        action="store_true",
+        help="send again creates that may have reached the provider (can pay twice)",
+    )
+    batch.add_argument("--no-download", action="store_true", help="record the URLs, save no files")
+    batch.add_argument(
+        "--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="size cap of one output file"
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="all four APIs on the built-in emulator: no keys needed",
+        description="Starts the emulator on loopback and runs a batch on each of the four APIs.",
+    )
+    demo.add_argument("--jobs", type=positive_int, default=100, help="jobs per API (default 100)")
+    demo.add_argument("--duration", type=positive_float, default=1.0, help="seconds a job takes (default 1)")
+    demo.add_argument("-o", "--out-dir", type=Path, help="where the images go (default: a new temp dir)")
+
+    commands.add_parser(
+        "emulator",
+        add_help=False,
+        help="serve the emulator (--port N; --help for its options)",
+    ).add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``image-gen-async`` and ``python -m image_gen_async``; the exit code."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["emulator"]:
+        # Its own parser owns every option after the command (--port, --dh3-qps, --help, ...).
+        from .testing.__main__ import main as emulator_main
+
+        emulator_main(arguments[1:])
+        return EXIT_OK
+    args = build_parser().parse_args(arguments)
+    console = make_console()
+    _configure_logging(getattr(args, "verbose", 0))
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return asyncio.run(run_demo(args.jobs, args.duration, args.out_dir, console))
+        if args.command == "generate":
+            return asyncio.run(_generate(args, console))
+        return asyncio.run(_batch(args, console))
+    except (UsageError, ConfigurationError, InvalidRequestError) as error:
+        print(f"image-gen-async: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImageGenError as error:
+        print(f"image-gen-async: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("image-gen-async: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    # stderr, so logs never mix into piped output; rich keeps them above a live bar.
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    logger = logging.getLogger("image_gen_async")
+    logger.setLevel(level)
+    logger.addHandler(handler)
+
+
+def _session(args: argparse.Namespace) -> AsyncSession:
+    """A session for the one provider of this command, keys from the environment."""
+    name = args.provider
+    return AsyncSession(
+        base_urls={name: args.base_url} if args.base_url else None,
+        rate_limits={name: args.rate} if args.rate else None,
+        polling=PollSettings(
+            first_poll=args.first_poll,
+            min_interval=args.min_poll_interval,
+            max_interval=max(30.0, args.min_poll_interval),
+        ),
+        task_timeout=args.timeout or 3600.0,
+    )
+
+
+def _require_key(session: AsyncSession, name: str) -> None:
+    """A missing key is a usage error, named by its environment variable."""
+    try:
+        session.client(name).check_ready()
+    except ConfigurationError:
+        # Not the library's message: it suggests api_keys=..., which a shell user cannot pass.
+        raise UsageError(f"no API key for {name}: set {CODECS[name].env_var}") from None
+
+
+async def _generate(args: argparse.Namespace, console: Console) -> int:
+    """Submit one job, wait, print its URLs (and saved paths)."""
+    params = dict(args.param)
+    for reserved in sorted((RESERVED_KEYS | {"prompt"}) & set(params)):
+        raise UsageError(f"--param {reserved}=... is not a provider parameter")
+    async with _session(args) as session:
+        _require_key(session, args.provider)
+        result = await session.client(args.provider).generate(args.model, prompt=args.prompt, **params)
+        console.print(f"{result.provider} task {result.task_id}: {result.status.value}", highlight=False)
+        for url in result.urls:
+            console.print(url, highlight=False, soft_wrap=True)
+        if args.out_dir is not None:
+            for path in await session.download(result, args.out_dir):
+                console.print(f"saved {path}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+async def _batch(args: argparse.Namespace, console: Console) -> int:
+    """Run (or resume) a JSONL batch with a live progress bar and a summary table."""
+    if not args.file.is_file():
+        raise UsageError(f"{args.file}: no such file")
+    total = count_jobs(args.file)
+    label = f"{args.provider} {args.model}"
+    async with _session(args) as session:
+        _require_key(session, args.provider)
+        with BatchDisplay(console) as display:
+            stats = await run_batch(
+                session,
+                args.provider,
+                args.model,
+                read_jsonl(args.file),
+                out_dir=args.out_dir,
+                download=not args.no_download,
+                concurrency=args.concurrency,
+                retry_failed=args.retry_failed,
+                resubmit_uncertain=args.resubmit_uncertain,
+                max_bytes=args.max_bytes,
+                total=total,
+                on_progress=display.track(label, total),
+            )
+    print_table(console, "batch summary", SUMMARY_COLUMNS, [summary_row(label, stats)])
+    console.print(f"results: {args.out_dir / RESULTS_NAME}", highlight=False, soft_wrap=True)
+    if stats.uncertain:
+        console.print(
+            f"{stats.uncertain} job(s) uncertain: their create may have reached the provider. "
+            "Check them, then rerun with --resubmit-uncertain to send them again (may pay twice).",
+            highlight=False,
+        )
+    if stats.unfinished:
+        console.print(f"{stats.unfinished} job(s) unfinished: rerun the same command to resume.")
+    if stats.failed:
+        console.print(f"{stats.failed} job(s) failed: see {RESULTS_NAME}; --retry-failed runs them again.")
+    return EXIT_OK if stats.ok else EXIT_FAILED

@@ -1,0 +1,208 @@
+"""Saving a result's output files: streamed to disk, atomic, capped, named by us.
+
+Output URLs live on storage hosts, not on the provider's API origin, so a download
+never carries the Authorization header or any key. A file is written as a ``*.part``
+in the target directory, fsynced and renamed into place, so a crash leaves either the
+whole file or no file under the final name. The name is ``{safe task id}_{index}{ext}``
+with the extension from the Content-Type: a server's ``file_name`` or URL path never
+becomes a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+import attrs
+from yarl import URL
+
+from ._engine import Engine, retry_after_seconds
+from .errors import DownloadError, TransportError
+from .models import TaskResult
+
+log = logging.getLogger("image_gen_async")
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+CHUNK = 256 * 1024
+# Retries of a transient download failure when the session bounds no poll retries.
+DOWNLOAD_RETRIES = 4
+EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+OTHER_EXTENSION = ".bin"
+# Long ids are cut so that a file name stays well under the usual 255-byte limit.
+MAX_STEM = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class RetryableStatus(DownloadError):
+    """A status worth retrying (408, 429, 5xx); ``retry_after`` feeds the engine's backoff."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def safe_task_id(task_id: str) -> str:
+    """``task_id`` reduced to ``[A-Za-z0-9_.-]``, never starting with ``.``.
+
+    When anything had to change, a short hash of the original is appended, so two
+    different ids (``a/b`` and ``a_b``) never share a file name.
+    """
+    safe = _UNSAFE.sub("_", task_id)[:MAX_STEM] or "task"
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe != task_id:
+        safe += "-" + hashlib.sha256(task_id.encode()).hexdigest()[:8]
+    return safe
+
+
+def extension_for(content_type: str | None) -> str:
+    """``.png``, ``.jpg``, ``.webp`` from the Content-Type, else ``.bin``."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return EXTENSIONS.get(kind, OTHER_EXTENSION)
+
+
+def existing_file(directory: Path, stem: str) -> Path | None:
+    """A file saved earlier under one of the names this output can have, if any."""
+    for ext in (*EXTENSIONS.values(), OTHER_EXTENSION):
+        path = directory / f"{stem}{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def check_url(url: str, where: str) -> None:
+    """Refuse anything but an absolute http(s) URL (``file://``, ``ftp://``, relative paths)."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        raise DownloadError(f"{where}: not a URL") from None
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.host:
+        scheme = parsed.scheme or "relative"
+        raise DownloadError(f"{where}: refusing a {scheme!r} URL; only http(s) is downloaded")
+
+
+@attrs.frozen
+class _Planned:
+    url: str
+    stem: str
+    where: str
+    saved: Path | None
+
+
+def _plan(result: TaskResult, directory: Path) -> list[_Planned]:
+    """Check every URL before fetching any, and find the outputs saved earlier."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem_base = safe_task_id(result.task_id)
+    planned = []
+    for index, output in enumerate(result.outputs):
+        where = f"{result.provider} task {result.task_id} output {index}"
+        check_url(output.url, where)
+        stem = f"{stem_base}_{index}"
+        planned.append(_Planned(output.url, stem, where, existing_file(directory, stem)))
+    return planned
+
+
+async def download_result(
+    engine: Engine, result: TaskResult, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> list[Path]:
+    """Save every output of ``result`` in ``directory``; the paths, in output order.
+
+    An output already saved under its final name is not fetched again, so a resumed
+    batch never duplicates a file. Transient failures are retried with the engine's backoff.
+    """
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be positive")
+    paths: list[Path] = []
+    for item in _plan(result, directory):
+        path = item.saved
+        if path is None:
+            path = await _fetch_with_retries(engine, item.url, directory, item.stem, max_bytes, item.where)
+        paths.append(path)
+    return paths
+
+
+async def _fetch_with_retries(
+    engine: Engine, url: str, directory: Path, stem: str, max_bytes: int, where: str
+) -> Path:
+    def on_retry(tries: int, wait: float, error: BaseException) -> None:
+        log.warning("download of %s retry %d in %.2f s: %s", where, tries, wait, str(error) or error)
+
+    try:
+        return await engine.retrying(
+            lambda: _fetch(engine.http(), url, directory, stem, max_bytes, where),
+            retryable=(aiohttp.ClientError, TimeoutError, RetryableStatus),
+            # A bad URL or redirect will not get better by asking again.
+            giveup=lambda error: isinstance(error, aiohttp.InvalidURL | aiohttp.ClientSSLError),
+            tries=(engine.settings.poll_retries or DOWNLOAD_RETRIES) + 1,
+            on_retry=on_retry,
+        )
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise TransportError(f"download of {where} failed: {str(error) or type(error).__name__}") from error
+
+
+async def _fetch(
+    http: aiohttp.ClientSession, url: str, directory: Path, stem: str, max_bytes: int, where: str
+) -> Path:
+    """One GET streamed into a ``*.part`` file, then renamed into place."""
+    # No Authorization header: the session adds none of its own, and none is passed here.
+    async with http.get(url, headers={"Accept": "image/*, */*;q=0.5"}) as response:
+        status = response.status
+        if status != 200:
+            message = f"{where}: HTTP {status}"
+            if status in (408, 429) or status >= 500:
+                raise RetryableStatus(message, retry_after_seconds(response.headers))
+            raise DownloadError(message)
+        length = response.content_length
+        if length is not None and length > max_bytes:
+            raise DownloadError(f"{where}: {length} bytes is over the {max_bytes}-byte cap")
+        final = directory / f"{stem}{extension_for(response.content_type)}"
+        part = directory / f"{final.name}.{secrets.token_hex(4)}.part"
+        file = _open_part(part)
+        try:
+            size = 0
+            async for chunk in response.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(f"{where}: body over the {max_bytes}-byte cap")
+                file.write(chunk)
+        except BaseException:
+            _discard(file, part)
+            raise
+        # fsync takes a millisecond or so: off the event loop. From here the thread owns the
+        # file; shielded, so a cancelled download still ends with the whole file or none.
+        await asyncio.shield(asyncio.to_thread(_commit, file, part, final))
+    log.debug("saved %s (%d bytes)", final.name, size)
+    return final
+
+
+def _open_part(part: Path) -> IO[bytes]:
+    # "x": a part name is random, so an existing file means something else owns it.
+    return open(part, "xb")
+
+
+def _discard(file: IO[bytes], part: Path) -> None:
+    file.close()
+    part.unlink(missing_ok=True)
+
+
+def _commit(file: IO[bytes], part: Path, final: Path) -> None:
+    """fsync the data, then rename into place: the final name never holds a torn file.
+
+    The directory is not fsynced: that only matters on power loss, when the journal's
+    last commits may be lost as well and the job is simply downloaded again.
+    """
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        os.replace(part, final)
+    except BaseException:
+        _discard(file, part)
+        raise
