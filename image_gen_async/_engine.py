@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -102,6 +103,14 @@ class Target:
     origin: URL
     key: Secret | None
     limiter: Limiter
+
+    @functools.cached_property
+    def headers(self) -> dict[str, str]:
+        """Every request's headers (the key's ``Authorization`` among them)."""
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        if self.key is not None:
+            headers["Authorization"] = f"Bearer {self.key.reveal()}"
+        return headers
 
     def url(self, path: str) -> URL:
         return URL(str(self.origin).rstrip("/") + path, encoded=True)
@@ -229,25 +238,36 @@ class Engine:
         self.settings = settings
         self.planner = PollPlanner(settings.polling.history)
         self._http: aiohttp.ClientSession | None = None
+        self._traced: aiohttp.ClientSession | None = None
         self._pollers: dict[asyncio.Task[None], TaskHandle] = {}
         self.closed = False
 
-    def http(self) -> aiohttp.ClientSession:
-        """The shared aiohttp session, made on first use inside the running loop."""
+    def http(self, *, traced: bool = False) -> aiohttp.ClientSession:
+        """The shared aiohttp session, made on first use inside the running loop.
+
+        ``traced`` gives a view of the same connection pool that stamps rate-limit tickets
+        as headers are written; only creates need it, so polls skip tracing's cost.
+        """
         if self.closed:
             raise ConfigurationError("the session is closed; open a new AsyncSession")
         if self._http is None:
             s = self.settings
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0),
+            options: dict[str, Any] = {
                 # Bound connecting and reading, not the whole call: the wait for a pooled
                 # connection must not count as a connect timeout.
-                timeout=aiohttp.ClientTimeout(
+                "timeout": aiohttp.ClientTimeout(
                     total=None, connect=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout
                 ),
-                headers={"User-Agent": USER_AGENT},
-                trace_configs=[_stamp_tickets()],
+                "headers": {"User-Agent": USER_AGENT},
+            }
+            connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0)
+            self._http = aiohttp.ClientSession(connector=connector, **options)
+            self._traced = aiohttp.ClientSession(
+                connector=connector, connector_owner=False, trace_configs=[_stamp_tickets()], **options
             )
+        if traced:
+            assert self._traced is not None
+            return self._traced
         return self._http
 
     async def close(self) -> None:
@@ -264,6 +284,9 @@ class Engine:
                     "it may still finish: client.resume() picks it up"
                 )
             )
+        if self._traced is not None:
+            await self._traced.close()
+            self._traced = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -282,9 +305,7 @@ class Engine:
         Transport failures come out as ``TransportError`` with no aiohttp exception attached:
         aiohttp's errors carry the request headers, and with them the key.
         """
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
-        if target.key is not None:
-            headers["Authorization"] = f"Bearer {target.key.reveal()}"
+        headers = target.headers
         if body is None:
             body = encode_body(request)
         options: dict[str, Any] = {}
@@ -296,7 +317,7 @@ class Engine:
         failure: TransportError | None = None
         try:
             # No redirects: following one could carry the key to another origin.
-            async with self.http().request(
+            async with self.http(traced=ticket is not None).request(
                 request.method,
                 target.url(request.path),
                 params=dict(request.params) or None,
@@ -406,8 +427,10 @@ class Engine:
         )
         return snapshot, retries
 
-    async def poll(self, target: Target, handle: TaskHandle, request: HttpRequest) -> Snapshot:
-        """One status read, retried on transient failures (the caller bounds it by the deadline)."""
+    async def poll(
+        self, target: Target, handle: TaskHandle, request: HttpRequest, *, budget: float | None = None
+    ) -> Snapshot:
+        """One status read, retried on transient failures for at most ``budget`` seconds."""
         codec = target.codec
         secret = target.key.reveal() if target.key else None
 
@@ -433,6 +456,7 @@ class Engine:
             giveup=lambda error: not getattr(error, "transient", True),
             tries=None if retries is None else retries + 1,
             on_retry=on_retry,
+            max_time=budget,
         )
 
     async def retrying(
@@ -443,16 +467,26 @@ class Engine:
         giveup: Callable[[BaseException], bool],
         tries: int | None,
         on_retry: Callable[[int, float, BaseException], None],
+        max_time: float | None = None,
     ) -> T:
         """Run ``call`` under ``backoff``: jittered exponential waits, or the server's ``Retry-After``.
 
         Only ``Exception`` subclasses are ever retried, so cancellation always propagates.
         """
+        # Most calls succeed at once: only a failure worth retrying pays for backoff's machinery.
+        try:
+            return await call()
+        except retryable as error:
+            if giveup(error) or tries == 1:
+                raise
+            first_failure: BaseException = error
         outcome: list[T] = []
+        failures = iter([first_failure])
         async for attempt in backoff.aretry_context(
             retryable,
             retry_waits,
             max_tries=tries,
+            max_time=max_time,
             jitter=None,
             giveup=giveup,
             on_backoff=lambda details: on_retry(details["tries"], details["wait"], details["exception"]),
@@ -461,6 +495,9 @@ class Engine:
             cap=self.settings.retry_cap,
         ):
             with attempt:
+                failure = next(failures, None)
+                if failure is not None:
+                    raise failure  # the first attempt's failure: backoff waits and counts it
                 outcome.append(await call())
         return outcome[0]
 
@@ -536,11 +573,22 @@ class Engine:
                         break
                     await asyncio.sleep(min(wait, deadline - now))
                 last_poll = time.monotonic() - accepted
+                remaining = deadline - time.monotonic()
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        snapshot = await self.poll(target, handle, request)
+                    if remaining > self.settings.read_timeout + self.settings.retry_cap:
+                        # Far from the deadline one poll cannot pass it, and backoff's own
+                        # budget ends its retries there: no timer needed.
+                        snapshot = await self.poll(target, handle, request, budget=remaining)
+                    else:
+                        async with asyncio.timeout(max(0.0, remaining)):
+                            snapshot = await self.poll(target, handle, request, budget=remaining)
                 except TimeoutError:
                     raise self.late(target, handle, accepted) from None
+                except ImageGenError:
+                    if time.monotonic() >= deadline:
+                        raise self.late(target, handle, accepted) from None
+                    raise
+
                 handle.polls += 1
                 handle.observe(snapshot.status)
                 if snapshot.result is not None:
@@ -630,8 +678,10 @@ def _json_or_none(raw: bytes) -> Any:
 
 
 async def _read_capped(response: aiohttp.ClientResponse, provider: str) -> bytes:
-    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
-        raise ProtocolError(f"{provider}: answer of {response.content_length} bytes is too large")
+    if response.content_length is not None:
+        if response.content_length > MAX_ANSWER_BYTES:
+            raise ProtocolError(f"{provider}: answer of {response.content_length} bytes is too large")
+        return await response.read()  # the length is known and within the cap
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(65536):

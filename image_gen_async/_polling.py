@@ -35,6 +35,7 @@ ESTIMATE_HIGH_FACTOR = 2.0
 # Cold: no job is expected to finish before SHRINK x the age of the K-th oldest still running.
 PENDING_RANK = 5
 SHRINK = 0.8
+FLOOR_REFRESH = 16
 # With half the jobs done at their first poll, the median is not seen: start this much earlier.
 CENSORED_BACKOFF = 0.85
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
@@ -79,12 +80,25 @@ class PollSettings:
 class _History:
     """One provider+model: brackets of completed jobs and ages of jobs still running."""
 
-    __slots__ = ("brackets", "lower", "running")
+    __slots__ = ("brackets", "floor", "lower", "running", "updates")
 
     def __init__(self, size: int) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
         self.running: dict[Hashable, float] = {}
         self.lower: float | None = None  # cached warm lower bound, reset on each completion
+        # The cold floor from running jobs, refreshed every FLOOR_REFRESH updates (ages only
+        # grow, so a slightly stale floor is a slightly low one) and whenever a job leaves.
+        self.floor: float | None = None
+        self.updates = 0
+
+    def cold_floor(self) -> float | None:
+        if self.floor is None or self.updates >= FLOOR_REFRESH:
+            self.updates = 0
+            if len(self.running) < PENDING_RANK:
+                self.floor = None
+            else:
+                self.floor = heapq.nlargest(PENDING_RANK, self.running.values())[-1] * SHRINK
+        return self.floor
 
 
 class PollPlanner:
@@ -104,25 +118,28 @@ class PollPlanner:
 
     def running(self, key: Key, job: Hashable, age: float, estimate: float | None) -> None:
         """A poll saw ``job`` still running at ``age`` seconds."""
-        running = self._of(key).running
-        running[job] = _relative(age, estimate)
-        if len(running) > 4 * self._size:
-            del running[next(iter(running))]
+        history = self._of(key)
+        history.running[job] = _relative(age, estimate)
+        history.updates += 1
+        if len(history.running) > 4 * self._size:
+            del history.running[next(iter(history.running))]
+            history.floor = None
 
     def completed(
         self, key: Key, job: Hashable, last_running: float, done: float, estimate: float | None
     ) -> None:
         """``job`` was seen done at age ``done``; ``last_running`` is its last age seen running (0: none)."""
         history = self._of(key)
-        history.running.pop(job, None)
+        if history.running.pop(job, None) is not None:
+            history.floor = None
         history.brackets.append((_relative(last_running, estimate), _relative(done, estimate)))
         history.lower = None
 
     def forget(self, key: Key, job: Hashable) -> None:
         """``job`` ended some other way (failed, cancelled): it no longer says anything."""
         history = self._history.get(key)
-        if history is not None:
-            history.running.pop(job, None)
+        if history is not None and history.running.pop(job, None) is not None:
+            history.floor = None
 
     def lower_bound(self, key: Key, estimate: float | None) -> float | None:
         """The earliest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
@@ -132,9 +149,9 @@ class PollPlanner:
                 history.lower = _warm_lower(history.brackets)
             return history.lower * (estimate or 1.0)
         bounds = []
-        if history is not None and len(history.running) >= PENDING_RANK:
-            oldest = heapq.nlargest(PENDING_RANK, history.running.values())[-1]
-            bounds.append(oldest * SHRINK)
+        floor = history.cold_floor() if history is not None else None
+        if floor is not None:
+            bounds.append(floor)
         if estimate:
             bounds.append(ESTIMATE_LOW_FACTOR)
         return max(bounds) * (estimate or 1.0) if bounds else None

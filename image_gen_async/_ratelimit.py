@@ -111,6 +111,8 @@ class RateLimiter:
     async def acquire(self) -> Ticket:
         """Wait for this caller's turn; stamp the ticket ``sent()`` as the request goes out."""
         loop = asyncio.get_running_loop()
+        if self.rate is None and not self._lock.locked() and self._next_slot <= loop.time():
+            return Ticket(None)  # unpaced and no 429 pause: no queue to keep
         async with self._lock:
             while True:
                 wait = self._wait_at(loop.time())
