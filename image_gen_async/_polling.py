@@ -49,7 +49,7 @@ class PollSettings:
     """Poll timing knobs; the defaults suit jobs of seconds to minutes."""
 
     growth: float = 0.08
-    first_poll: float = 2.0
+    first_poll: float = 5.0  # nananobanana's own advice for a job nothing is known about
     min_interval: float = 0.25
     max_interval: float = 30.0
     history: int = 128

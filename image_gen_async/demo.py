@@ -20,14 +20,10 @@ from rich.console import Console
 from . import AsyncSession, ConfigurationError, PollSettings
 from ._progress import BatchDisplay, print_table
 from .batch import JOURNAL_NAME, BatchStats, JobSpec, read_results, run_batch
+from .providers import EXAMPLE_MODELS
 from .testing import EmulatorProcess
 
-MODELS = {
-    "get3w": "google/nano-banana-pro/text-to-image",
-    "get3w_v3": "get3w/flux-dev",
-    "dh3": "nano-banana-pro",
-    "nananobanana": "nano-banana",
-}
+MODELS = EXAMPLE_MODELS
 DH3_RATE = 40.0  # the real dh3 limit is 3/s; time in the demo runs ~13x faster
 ASPECT_RATIOS = ("1:1", "16:9", "3:4")  # the emulator shapes each PNG to the one asked for
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

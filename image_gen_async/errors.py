@@ -51,11 +51,21 @@ class TransportError(ImageGenError):
 class APIError(ImageGenError):
     """The provider answered with an error: HTTP status, the provider's code and message."""
 
-    def __init__(self, status: int, code: Any = None, message: str = "", *, provider: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        code: Any = None,
+        message: str = "",
+        *,
+        provider: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         self.status = status
         self.code = code
         self.message = message
         self.provider = provider
+        # The server's Retry-After in seconds, where it gave one (429s and 5xx mostly).
+        self.retry_after = retry_after
         where = f"{provider}: " if provider else ""
         super().__init__(f"{where}HTTP {status} (code {code!r}): {message}")
 
@@ -83,33 +93,9 @@ class NotFoundError(APIError):
 class RateLimitError(APIError):
     """429: over the provider's limit; ``retry_after`` is the server's advice in seconds."""
 
-    def __init__(
-        self,
-        status: int,
-        code: Any = None,
-        message: str = "",
-        *,
-        provider: str = "",
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, provider=provider)
-        self.retry_after = retry_after
-
 
 class ServerError(APIError):
     """5xx: the provider failed; ``retry_after`` is set when the server gave one."""
-
-    def __init__(
-        self,
-        status: int,
-        code: Any = None,
-        message: str = "",
-        *,
-        provider: str = "",
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, provider=provider)
-        self.retry_after = retry_after
 
 
 class SubmitUncertainError(ImageGenError):
@@ -180,8 +166,11 @@ def api_error(
     retry_after: float | None = None,
 ) -> APIError:
     """Build the right ``APIError`` subclass for an HTTP (or HTTP-like) status."""
-    if status == 429:
-        return RateLimitError(status, code, message, provider=provider, retry_after=retry_after)
-    if status >= 500:
-        return ServerError(status, code, message, provider=provider, retry_after=retry_after)
-    return _BY_STATUS.get(status, APIError)(status, code, message, provider=provider)
+    kind = (
+        RateLimitError
+        if status == 429
+        else ServerError
+        if status >= 500
+        else _BY_STATUS.get(status, APIError)
+    )
+    return kind(status, code, message, provider=provider, retry_after=retry_after)

@@ -8,15 +8,11 @@ from typing import Any
 import pytest
 
 from image_gen_async import AsyncSession, PollSettings
+from image_gen_async.providers import EXAMPLE_MODELS
 from image_gen_async.testing import Emulator, EmulatorConfig
 
 CLIENTS = ("get3w", "get3w_v3", "dh3", "nananobanana")
-MODELS = {
-    "get3w": "google/nano-banana-pro/text-to-image",
-    "get3w_v3": "get3w/flux-dev",
-    "dh3": "nano-banana-pro",
-    "nananobanana": "nano-banana",
-}
+MODELS = EXAMPLE_MODELS
 KEYS = {name: f"sk-secret-{name}-0123456789" for name in CLIENTS}
 FAST_POLLING = PollSettings(first_poll=0.02, min_interval=0.005, max_interval=0.1)
 

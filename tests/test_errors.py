@@ -29,7 +29,7 @@ from image_gen_async import (
 )
 from image_gen_async.testing import Emulator, Faults
 
-from .conftest import CLIENTS, KEYS, MODELS, SessionFactory
+from .conftest import CLIENTS, FAST_POLLING, KEYS, MODELS, SessionFactory
 
 
 @pytest.mark.parametrize("name", CLIENTS)
@@ -188,7 +188,9 @@ async def test_missing_key_is_a_configuration_error(emulator: Emulator) -> None:
 
 async def test_keys_from_environment_and_v3_fallback(emulator: Emulator) -> None:
     env = {"GET3W_API_KEY": KEYS["get3w"], "DH3_API_KEY": KEYS["dh3"]}
-    async with AsyncSession(base_urls={"get3w": emulator.url, "dh3": emulator.url}, env=env) as session:
+    async with AsyncSession(
+        base_urls={"get3w": emulator.url, "dh3": emulator.url}, env=env, polling=FAST_POLLING
+    ) as session:
         assert session.get3w_v3.base_url == emulator.url
         emulator.config.api_keys = {"get3w_v3": KEYS["get3w"], "dh3": KEYS["dh3"]}
         handles = [

@@ -146,6 +146,8 @@ class Codec(abc.ABC):
     name: ClassVar[str]
     default_base_url: ClassVar[str]
     env_var: ClassVar[str]
+    # A model id this API documents, for examples, the demo and tests.
+    example_model: ClassVar[str]
     default_rate_limit: ClassVar[float | None] = None
     has_sync_mode: ClassVar[bool] = False
     has_webhooks: ClassVar[bool] = True

@@ -151,6 +151,7 @@ class Get3WV1Codec(_Get3WCodec):
     """Get3W's ``/v1`` API."""
 
     name = "get3w"
+    example_model = "google/nano-banana-pro/text-to-image"
     has_sync_mode = True
 
     def submit_request(
@@ -192,6 +193,7 @@ class Get3WV3Codec(_Get3WCodec):
     """Get3W's ``/api/v3`` API."""
 
     name = "get3w_v3"
+    example_model = "get3w/flux-dev"
     signature_header = "X-Get3W-Signature"
 
     def submit_request(

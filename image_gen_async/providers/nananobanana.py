@@ -71,6 +71,7 @@ class NananobananaCodec(Codec):
     """nananobanana's generate API."""
 
     name = "nananobanana"
+    example_model = "nano-banana"
     default_base_url = "https://www.nananobanana.com"
     env_var = "NANANOBANANA_API_KEY"
     has_sync_mode = True
