@@ -57,6 +57,8 @@ USER_AGENT = "image-gen-async/0.1"
 # A status answer larger than this is not an API answer.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 _NOT_JSON = object()
+# Body fields that carry a callback URL (Get3W v3, dh3); the last path segment is the token.
+CALLBACK_FIELDS = frozenset({"webhook_url", "callback_url"})
 _QUERY = re.compile(r"\?[^\s'\"]*")
 
 
@@ -372,7 +374,7 @@ class Engine:
                 provider=target.name,
                 model=model,
                 task_id=task_id,
-                request_body=request.json,
+                request_body=_without_callback_token(request.json),
             )
 
         async def once() -> Snapshot:
@@ -648,6 +650,16 @@ class Engine:
             handle.resolve(result)
         else:
             handle.fail(failure_error(target.codec, result))
+
+
+def _without_callback_token(body: Any) -> Any:
+    """The create body for an error report, callback URLs cut before their last segment (the token)."""
+    if not isinstance(body, Mapping):
+        return body
+    return {
+        key: value.rsplit("/", 1)[0] + "/***" if key in CALLBACK_FIELDS and isinstance(value, str) else value
+        for key, value in body.items()
+    }
 
 
 def failure_error(codec: Codec, result: TaskResult) -> TaskFailedError:

@@ -101,7 +101,10 @@ class RedisRelay:
                 log.warning("webhook relay: listening again")
                 lost = False
             if message is not None and message.get("type") == "message":
-                self._receive(message["data"], deliver)
+                try:
+                    self._receive(message["data"], deliver)
+                except Exception:  # one bad message must not end the relay for this instance
+                    log.exception("webhook relay: a relayed callback could not be applied")
 
     def _receive(self, data: Any, deliver: Deliver) -> None:
         try:

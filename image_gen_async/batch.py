@@ -31,8 +31,6 @@ from .errors import (
     NotFoundError,
     SubmitUncertainError,
     TaskFailedError,
-    TaskTimeoutError,
-    TransportError,
 )
 from .models import TaskResult
 
@@ -336,16 +334,19 @@ class _Batch:
                 job.line, job.spec_hash, "uncertain", job.prompt, error=str(error), task_id=error.task_id
             )
             return
-        except (TaskTimeoutError, TransportError, ConfigurationError) as error:
-            if self._polling(job.line):
-                # The task exists and may still finish: a rerun polls it again.
+        except ImageGenError as error:
+            if not isinstance(error, TaskFailedError) and self._polling(job.line):
+                # The task exists and may still finish (a poll gave up, a timeout, a 5xx
+                # after the retries): it stays paid for, and a rerun polls it again.
                 log.warning("batch job %d left unfinished: %s", job.line, error)
                 self.stats.unfinished += 1
                 return
-            self.finish(job.line, job.spec_hash, "failed", job.prompt, error=str(error), task_id=task_id)
-            return
-        except ImageGenError as error:
-            task_id = getattr(getattr(error, "result", None), "task_id", None) or task_id
+            row = self.journal.get(job.line)
+            task_id = (
+                getattr(getattr(error, "result", None), "task_id", None)
+                or (row.task_id if row is not None else None)
+                or task_id
+            )
             self.finish(job.line, job.spec_hash, "failed", job.prompt, error=str(error), task_id=task_id)
             return
         files: list[str] = []

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except ImageGenError as error:
         print(f"image-gen-async: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, sqlite3.Error) as error:
+        # The output directory or its journal: full disk, no permission, a damaged file.
+        print(f"image-gen-async: cannot use the output directory: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("image-gen-async: interrupted; rerun the same command to resume", file=sys.stderr)

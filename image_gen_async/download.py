@@ -98,7 +98,10 @@ class _Planned:
 
 def _plan(result: TaskResult, directory: Path) -> list[_Planned]:
     """Check every URL before fetching any, and find the outputs saved earlier."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DownloadError(f"cannot save to {directory}: {error.strerror or error}") from None
     stem_base = safe_task_id(result.task_id)
     planned = []
     for index, output in enumerate(result.outputs):
@@ -145,6 +148,9 @@ async def _fetch_with_retries(
         )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise TransportError(f"download of {where} failed: {str(error) or type(error).__name__}") from error
+    except OSError as error:
+        # The disk, not the network: full, read-only, no permission. This job fails; others go on.
+        raise DownloadError(f"{where}: cannot save to {directory}: {error.strerror or error}") from None
 
 
 async def _fetch(

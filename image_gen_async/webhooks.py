@@ -62,6 +62,19 @@ class WebhookStats:
     relay_errors: int = 0  # could not be passed on: answered 503 for the provider to retry
 
 
+async def _read_upto(request: web.Request, limit: int) -> bytes:
+    """The whole body, however many segments it came in, but never more than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit]
+
+
 def _answer(status: int, **fields: Any) -> tuple[int, bytes]:
     return status, json.dumps(fields, separators=(",", ":")).encode()
 
@@ -163,7 +176,7 @@ class WebhookReceiver:
             self.stats.too_large += 1
             status, body = _answer(413, error="body too large")
         else:
-            raw = await request.content.read(self._max_body + 1)
+            raw = await _read_upto(request, self._max_body + 1)
             status, body = await self.handle(
                 request.match_info["client"], raw, request.headers, token=request.match_info.get("token")
             )

@@ -195,3 +195,14 @@ async def test_one_run_per_directory_and_a_missing_key_fails_first(
     with pytest.raises(ConfigurationError, match="DH3_API_KEY"):
         await run_batch(keyless, "dh3", DH3, prompts(1), out_dir=tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+async def test_a_poll_that_gives_up_leaves_a_paid_job_unfinished(
+    make_session: SessionFactory, emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.script("dh3", "poll", "500", times=3)
+    stats = await run_batch(make_session(poll_retries=0), "dh3", DH3, prompts(3), out_dir=tmp_path)
+    assert stats.unfinished == 3 and stats.failed == 0
+    stats = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path)
+    assert (stats.done, stats.resumed, stats.created) == (3, 3, 0)
+    assert emulator.stats.creates["dh3"] == 3

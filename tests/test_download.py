@@ -202,3 +202,12 @@ async def test_extension_follows_the_content_type(
 ) -> None:
     paths = await session.download(completed("t5", f"{hostile.url}/jpeg", f"{hostile.url}/odd"), tmp_path)
     assert [p.name for p in paths] == ["t5_0.jpg", "t5_1.bin"]
+
+
+async def test_a_disk_error_is_a_download_error(
+    session: AsyncSession, hostile: Hostile, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    with pytest.raises(DownloadError):
+        await session.download(completed("t9", f"{hostile.url}/png"), blocker / "out")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from image_gen_async import (
     AsyncSession,
@@ -219,3 +220,29 @@ async def test_signed_v3_callback_resolves(make_session: SessionFactory, emulato
             assert answer.status == 200
     result = await handle
     assert result.urls == ("https://o.test/1.png",) and handle.polls == 0
+
+
+async def test_a_callback_split_over_several_segments_is_read_whole(hooked: AsyncSession) -> None:
+    handle = await hooked.dh3.submit("nano-banana-pro", prompt="long one [slow]", webhook=True)
+    body = json.dumps(
+        {
+            "code": 200,
+            "message": "Ok",
+            "nano_banana_pro_output": {"task_id": handle.task_id, "status": "fail", "err_msg": "boom"},
+        }
+    ).encode()
+    url = URL(hooked.webhooks.url_for("dh3"))
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    head = (
+        f"POST {url.raw_path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body[:20])
+    await writer.drain()
+    await asyncio.sleep(0.05)  # not a wait for anything: it makes the rest arrive as a second segment
+    writer.write(body[20:])
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert b" 200 " in status_line
+    with pytest.raises(TaskFailedError):
+        await handle
