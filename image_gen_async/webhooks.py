@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -41,7 +42,9 @@ log = logging.getLogger("image_gen_async")
 
 MAX_BODY_BYTES = 1024 * 1024
 # Callbacks that beat their create's answer back (a fast job) wait here for their handle.
-EARLY_ARRIVALS = 10_000
+EARLY_ARRIVALS = 4096
+# ... and for this long (s): a create answer later than that is not coming.
+EARLY_TTL = 120.0
 # Settled tasks remembered, so a provider's retry or replay is answered as a duplicate.
 REMEMBERED = 50_000
 
@@ -102,7 +105,7 @@ class WebhookReceiver:
         self._ready_lock = asyncio.Lock()
         self._waiting: dict[tuple[str, str], TaskHandle] = {}
         # Early callbacks, and whether each was counted as unknown (relayed ones are not).
-        self._early: OrderedDict[tuple[str, str], tuple[Any, bool]] = OrderedDict()
+        self._early: OrderedDict[tuple[str, str], tuple[Any, bool, float]] = OrderedDict()
         self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self.public_url: str | None = None
@@ -243,9 +246,15 @@ class WebhookReceiver:
         return _answer(200, ok=True, known=False)
 
     def _keep_early(self, key: tuple[str, str], payload: Any, *, counted: bool) -> None:
-        self._early[key] = (payload, counted)
-        while len(self._early) > EARLY_ARRIVALS:
-            self._early.popitem(last=False)
+        """Keep a callback for a handle that may appear soon: at most EARLY_ARRIVALS, for EARLY_TTL s."""
+        now = time.monotonic()
+        self._early.pop(key, None)
+        self._early[key] = (payload, counted, now)
+        while self._early:
+            oldest_key, (_, _, kept_at) = next(iter(self._early.items()))
+            if len(self._early) <= EARLY_ARRIVALS and kept_at > now - EARLY_TTL:
+                break
+            del self._early[oldest_key]
 
     async def _pass_on(
         self, relay: WebhookRelay, client: str, task_id: str, payload: Any
@@ -308,7 +317,7 @@ class WebhookReceiver:
         handle.add_done_callback(lambda done: self._forget(key, done))
         early = self._early.pop(key, None)
         if early is not None:
-            payload, counted = early
+            payload, counted, _ = early
             if counted:
                 self.stats.unknown -= 1
             self._apply(target, handle, payload)

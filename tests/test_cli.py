@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import aiohttp.web
 
 from image_gen_async.testing import Emulator, EmulatorProcess
 
@@ -198,3 +199,41 @@ async def test_batch_killed_three_times_pays_each_job_once(tmp_path: Path) -> No
     files = names(out)
     assert files == sorted(f for r in records for f in r["files"]) and len(set(files)) == lines, context
     assert not names(out, "*.part"), context
+
+
+async def test_a_batch_killed_during_a_create_reports_it_uncertain_and_never_resends(tmp_path: Path) -> None:
+    """SIGKILL while a create is on the wire: the rerun must not guess, and must not pay again."""
+    creates = 0
+    answered = asyncio.Event()
+
+    async def create(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        nonlocal creates
+        creates += 1
+        await answered.wait()  # the create hangs until the test is over: the kill comes first
+        return aiohttp.web.json_response({"code": 200, "message": "ok", "task_id": "t1"})
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/api/v1/task/create", create)
+    runner = aiohttp.web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        source = write_jobs(tmp_path / "jobs.jsonl", ["a fox in the snow"])
+        out = tmp_path / "out"
+        args = ("batch", str(source), "--provider", "dh3", "--model", DH3, "-o", str(out), "--base-url", url)
+        process = await start(*args, *FAST)
+        deadline = time.monotonic() + 30
+        while not (creates and state_counts(out).get("creating")):
+            assert time.monotonic() < deadline and process.returncode is None
+            await asyncio.sleep(0.01)  # the next look at the journal, not a wait for an event
+        process.kill()
+        await process.wait()
+        code, stdout, stderr = await cli(*args, *FAST)
+        assert code == 1, stdout + stderr
+        assert "uncertain" in (stdout + stderr).lower()
+        assert creates == 1  # reported, not resent
+        assert state_counts(out) == {"uncertain": 1}
+    finally:
+        answered.set()
+        await runner.cleanup()
