@@ -106,12 +106,17 @@ class Target:
     key: Secret | None
     limiter: Limiter
 
+    @property
+    def secret(self) -> str | None:
+        """The key itself, to mask wherever an answer's text is repeated."""
+        return self.key.reveal() if self.key is not None else None
+
     @functools.cached_property
     def headers(self) -> dict[str, str]:
         """Every request's headers (the key's ``Authorization`` among them)."""
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
-        if self.key is not None:
-            headers["Authorization"] = f"Bearer {self.key.reveal()}"
+        if self.secret is not None:
+            headers["Authorization"] = f"Bearer {self.secret}"
         return headers
 
     def url(self, path: str) -> URL:
@@ -219,6 +224,16 @@ def retry_waits(base: float, cap: float) -> Generator[float, Any, None]:
         delay = min(hint, cap) if isinstance(hint, int | float) else random.uniform(0, ceiling)
         ceiling = min(cap, ceiling * 2)
         error = yield delay
+
+
+# Failures worth another try, for creates (when nothing can have been made) and polls alike;
+# one marked transient=False (a TLS error, JSON of the wrong shape) is final.
+TRANSIENT_FAILURES = (TransportError, ProtocolError, RateLimitError, ServerError)
+
+
+def is_final(error: BaseException) -> bool:
+    """True for a failure that asking again will not mend."""
+    return not getattr(error, "transient", True)
 
 
 def _describe(error: BaseException) -> str:
@@ -365,7 +380,7 @@ class Engine:
         """
         codec = target.codec
         body = encode_body(request)
-        secret = target.key.reveal() if target.key else None
+        secret = target.secret
         retries = 0
 
         def uncertain(reason: str, error: BaseException, task_id: str | None = None) -> SubmitUncertainError:
@@ -422,8 +437,8 @@ class Engine:
 
         snapshot = await self.retrying(
             once,
-            retryable=(TransportError, ProtocolError, RateLimitError, ServerError),
-            giveup=lambda error: not getattr(error, "transient", True),
+            retryable=TRANSIENT_FAILURES,
+            giveup=is_final,
             tries=self.settings.create_retries + 1,
             on_retry=on_retry,
         )
@@ -434,7 +449,7 @@ class Engine:
     ) -> Snapshot:
         """One status read, retried on transient failures for at most ``budget`` seconds."""
         codec = target.codec
-        secret = target.key.reveal() if target.key else None
+        secret = target.secret
 
         def on_retry(tries: int, wait: float, error: BaseException) -> None:
             handle.retries += 1
@@ -454,8 +469,8 @@ class Engine:
         retries = self.settings.poll_retries
         return await self.retrying(
             once,
-            retryable=(TransportError, ProtocolError, RateLimitError, ServerError),
-            giveup=lambda error: not getattr(error, "transient", True),
+            retryable=TRANSIENT_FAILURES,
+            giveup=is_final,
             tries=None if retries is None else retries + 1,
             on_retry=on_retry,
             max_time=budget,

@@ -141,9 +141,8 @@ class ProviderClient:
                 else min(timeout, engine.settings.sync_timeout)
             )
         snapshot, retries = await engine.create(target, model, request, read_timeout=read_timeout)
-        handle = self._follow(
-            snapshot, model, retries, timeout, webhook=webhook, sync_duration=time.monotonic() - started
-        )
+        took = time.monotonic() - started  # exact when sync mode answered with the result
+        handle = self._follow(snapshot, model, retries, timeout, webhook=webhook, took=(took, took))
         try:
             return await handle
         except asyncio.CancelledError:
@@ -171,7 +170,7 @@ class ProviderClient:
         timeout: float | None,
         *,
         webhook: bool = False,
-        sync_duration: float | None = None,
+        took: tuple[float, float] | None = None,
     ) -> TaskHandle:
         target = self._target
         engine = self._session._engine
@@ -184,7 +183,6 @@ class ProviderClient:
             retries=retries,
         )
         if snapshot.result is not None:
-            took = None if sync_duration is None else (sync_duration, sync_duration)
             engine.finish(target, handle, snapshot.result, took)
         else:
             engine.start(target, handle, snapshot, timeout, webhook=webhook)
