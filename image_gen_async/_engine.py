@@ -12,6 +12,7 @@ retried freely, with jittered exponential backoff or the server's ``Retry-After`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import functools
 import json
@@ -21,7 +22,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import attrs
@@ -29,8 +30,9 @@ import backoff
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from ._follower import Follower
 from ._handle import TaskHandle
-from ._polling import PollPlanner, PollSettings, webhook_wait
+from ._polling import PollPlanner, PollSettings
 from ._ratelimit import Limiter, Ticket
 from .errors import (
     APIError,
@@ -43,7 +45,6 @@ from .errors import (
     ServerError,
     SubmitUncertainError,
     TaskFailedError,
-    TaskTimeoutError,
     TransportError,
     api_error,
 )
@@ -60,6 +61,12 @@ _NOT_JSON = object()
 # Body fields that carry a callback URL (Get3W v3, dh3); the last path segment is the token.
 CALLBACK_FIELDS = frozenset({"webhook_url", "callback_url"})
 _QUERY = re.compile(r"\?[^\s'\"]*")
+# Separators and NaN handling fixed once: json.dumps with options builds an encoder per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+# The rate-limit ticket of the create this task is sending, for the connector to stamp.
+_SENDING: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+    "image_gen_async_ticket", default=None
+)
 
 
 class Secret:
@@ -138,9 +145,8 @@ class Target:
         return None
 
 
-@attrs.frozen
-class Answer:
-    """An HTTP answer, body still undecoded."""
+class Answer(NamedTuple):
+    """An HTTP answer, body still undecoded (a tuple: one is made per request)."""
 
     status: int
     headers: CIMultiDictProxy[str]
@@ -170,7 +176,7 @@ def encode_body(request: HttpRequest) -> bytes | None:
     if request.json is None:
         return None
     try:
-        return json.dumps(request.json, separators=(",", ":"), allow_nan=False).encode()
+        return _JSON.encode(request.json).encode()
     except (TypeError, ValueError) as error:
         raise InvalidRequestError(f"parameters are not JSON: {error}") from None
 
@@ -249,61 +255,48 @@ def _describe(error: BaseException) -> str:
 
 
 class Engine:
-    """Owns the one aiohttp session, the poll planner and the running poll loops."""
+    """Owns the one aiohttp session, the poll planner and the jobs being followed."""
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self.planner = PollPlanner(settings.polling.history)
         self._http: aiohttp.ClientSession | None = None
-        self._traced: aiohttp.ClientSession | None = None
-        self._pollers: dict[asyncio.Task[None], TaskHandle] = {}
+        self.followers: set[Follower] = set()
         self.closed = False
 
-    def http(self, *, traced: bool = False) -> aiohttp.ClientSession:
-        """The shared aiohttp session, made on first use inside the running loop.
-
-        ``traced`` gives a view of the same connection pool that stamps rate-limit tickets
-        as headers are written; only creates need it, so polls skip tracing's cost.
-        """
+    def http(self) -> aiohttp.ClientSession:
+        """The shared aiohttp session, made on first use inside the running loop."""
         if self.closed:
             raise ConfigurationError("the session is closed; open a new AsyncSession")
         if self._http is None:
             s = self.settings
-            options: dict[str, Any] = {
+            self._http = aiohttp.ClientSession(
+                connector=_StampingConnector(limit=s.pool_size, limit_per_host=0),
                 # Bound connecting and reading, not the whole call: the wait for a pooled
                 # connection must not count as a connect timeout.
-                "timeout": aiohttp.ClientTimeout(
+                timeout=aiohttp.ClientTimeout(
                     total=None, connect=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout
                 ),
-                "headers": {"User-Agent": USER_AGENT},
-            }
-            connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0)
-            self._http = aiohttp.ClientSession(connector=connector, **options)
-            self._traced = aiohttp.ClientSession(
-                connector=connector, connector_owner=False, trace_configs=[_stamp_tickets()], **options
+                headers={"User-Agent": USER_AGENT},
             )
-        if traced:
-            assert self._traced is not None
-            return self._traced
         return self._http
 
     async def close(self) -> None:
         """Stop every poll loop and close the connection pool."""
         self.closed = True
-        pollers = dict(self._pollers)
-        for task in pollers:
-            task.cancel()
-        await asyncio.gather(*pollers, return_exceptions=True)
-        for handle in pollers.values():
+        followers = list(self.followers)
+        polls = [follower.polling for follower in followers if follower.polling is not None]
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+        for follower in followers:
+            handle = follower.handle
             handle.fail(
                 ConfigurationError(
                     f"session closed while waiting for {handle.provider} task {handle.task_id}; "
                     "it may still finish: client.resume() picks it up"
                 )
             )
-        if self._traced is not None:
-            await self._traced.close()
-            self._traced = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -316,13 +309,13 @@ class Engine:
         body: bytes | None = None,
         read_timeout: float | None = None,
         ticket: Ticket | None = None,
+        url: URL | None = None,
     ) -> Answer:
         """One HTTP exchange with the target's origin, credentials attached, body read (capped).
 
         Transport failures come out as ``TransportError`` with no aiohttp exception attached:
         aiohttp's errors carry the request headers, and with them the key.
         """
-        headers = target.headers
         if body is None:
             body = encode_body(request)
         options: dict[str, Any] = {}
@@ -332,16 +325,16 @@ class Engine:
             )
         started = time.monotonic()
         failure: TransportError | None = None
+        sending = _SENDING.set(ticket) if ticket is not None else None
         try:
             # No redirects: following one could carry the key to another origin.
-            async with self.http(traced=ticket is not None).request(
+            async with self.http().request(
                 request.method,
-                target.url(request.path),
-                params=dict(request.params) or None,
+                url or target.url(request.path),
+                params=request.params or None,
                 data=body,
-                headers=headers,
+                headers=target.headers,
                 allow_redirects=False,
-                trace_request_ctx=ticket,
                 **options,
             ) as response:
                 raw = await _read_capped(response, target.name)
@@ -350,16 +343,20 @@ class Engine:
                 f"{target.name} {request.method} {request.path}: {_describe(error)}",
                 transient=not isinstance(error, aiohttp.ClientSSLError),
             )
+        finally:
+            if sending is not None:
+                _SENDING.reset(sending)
         if failure is not None:
             raise failure  # outside the except block, so nothing of aiohttp's rides along
-        log.debug(
-            "%s %s %s -> %d in %.1f ms",
-            target.name,
-            request.method,
-            request.path,
-            response.status,
-            (time.monotonic() - started) * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s %s -> %d in %.1f ms",
+                target.name,
+                request.method,
+                request.path,
+                response.status,
+                (time.monotonic() - started) * 1000,
+            )
         return Answer(response.status, response.headers, raw)
 
     async def create(
@@ -373,8 +370,8 @@ class Engine:
     ) -> tuple[Snapshot, int]:
         """Send a create, retrying only what cannot have made a task; the snapshot and retries.
 
-        Whether the request can have reached the provider is known exactly: its limiter
-        ticket is stamped when the headers are written. Unsent, it is retried; sent with
+        Whether the request can have reached the provider is known: its limiter ticket is
+        stamped once it has a connection (before, nothing can have left). Unsent, it is retried; sent with
         no clear answer, it is ``SubmitUncertainError``. ``before_send()`` runs before
         each attempt goes out, after its rate-limit turn.
         """
@@ -393,7 +390,7 @@ class Engine:
             )
 
         async def once() -> Snapshot:
-            ticket = await target.limiter.acquire()
+            ticket = target.limiter.ready() or await target.limiter.acquire()
             try:
                 if before_send is not None:
                     before_send()
@@ -435,21 +432,38 @@ class Engine:
             retries += 1
             log.warning("%s create retry %d in %.2f s: %s", target.name, tries, wait, _describe(error))
 
-        snapshot = await self.retrying(
-            once,
-            retryable=TRANSIENT_FAILURES,
-            giveup=is_final,
-            tries=self.settings.create_retries + 1,
-            on_retry=on_retry,
-        )
+        try:
+            return await once(), 0  # most creates succeed at once: no retry machinery
+        except TRANSIENT_FAILURES as error:
+            failure = error
+        tries = self.settings.create_retries + 1
+        snapshot = await self.retry_after(failure, once, tries=tries, on_retry=on_retry)
         return snapshot, retries
 
     async def poll(
-        self, target: Target, handle: TaskHandle, request: HttpRequest, *, budget: float | None = None
+        self,
+        target: Target,
+        handle: TaskHandle,
+        request: HttpRequest,
+        *,
+        budget: float | None = None,
+        url: URL | None = None,
     ) -> Snapshot:
-        """One status read, retried on transient failures for at most ``budget`` seconds."""
+        """One status read, retried on transient failures for at most ``budget`` seconds.
+
+        ``url``: the request's URL when the caller already built it (a poll loop does, once).
+        """
         codec = target.codec
         secret = target.secret
+
+        async def once() -> Snapshot:
+            answer = await self.send(target, request, url=url)
+            return codec.read_poll(handle.task_id, handle.model, decode(codec, answer, secret=secret))
+
+        try:
+            return await once()  # most polls succeed at once: no retry machinery
+        except TRANSIENT_FAILURES as error:
+            failure = error
 
         def on_retry(tries: int, wait: float, error: BaseException) -> None:
             handle.retries += 1
@@ -462,43 +476,51 @@ class Engine:
                 _describe(error),
             )
 
-        async def once() -> Snapshot:
-            answer = await self.send(target, request)
-            return codec.read_poll(handle.task_id, handle.model, decode(codec, answer, secret=secret))
-
         retries = self.settings.poll_retries
-        return await self.retrying(
-            once,
-            retryable=TRANSIENT_FAILURES,
-            giveup=is_final,
-            tries=None if retries is None else retries + 1,
-            on_retry=on_retry,
-            max_time=budget,
+        return await self.retry_after(
+            failure, once, tries=None if retries is None else retries + 1, on_retry=on_retry, max_time=budget
         )
 
     async def retrying(
         self,
         call: Callable[[], Awaitable[T]],
         *,
-        retryable: tuple[type[Exception], ...],
-        giveup: Callable[[BaseException], bool],
         tries: int | None,
         on_retry: Callable[[int, float, BaseException], None],
-        max_time: float | None = None,
+        retryable: tuple[type[Exception], ...] = TRANSIENT_FAILURES,
+        giveup: Callable[[BaseException], bool] = is_final,
     ) -> T:
-        """Run ``call`` under ``backoff``: jittered exponential waits, or the server's ``Retry-After``.
-
-        Only ``Exception`` subclasses are ever retried, so cancellation always propagates.
-        """
-        # Most calls succeed at once: only a failure worth retrying pays for backoff's machinery.
+        """Run ``call``, retrying what ``retry_after`` would."""
         try:
             return await call()
         except retryable as error:
-            if giveup(error) or tries == 1:
-                raise
-            first_failure: BaseException = error
+            failure = error
+        return await self.retry_after(
+            failure, call, tries=tries, on_retry=on_retry, retryable=retryable, giveup=giveup
+        )
+
+    async def retry_after(
+        self,
+        failure: Exception,
+        call: Callable[[], Awaitable[T]],
+        *,
+        tries: int | None,
+        on_retry: Callable[[int, float, BaseException], None],
+        max_time: float | None = None,
+        retryable: tuple[type[Exception], ...] = TRANSIENT_FAILURES,
+        giveup: Callable[[BaseException], bool] = is_final,
+    ) -> T:
+        """After ``call`` failed with ``failure``, retry it under ``backoff`` while that is worth it.
+
+        Waits are jittered exponential, or the server's ``Retry-After``. Only ``retryable``
+        failures are retried (``Exception`` subclasses, so cancellation always propagates),
+        never one ``giveup`` calls final; ``tries`` counts the first attempt. Calls that
+        usually succeed make their first attempt themselves and come here only on failure.
+        """
+        if not isinstance(failure, retryable) or giveup(failure) or tries == 1:
+            raise failure
         outcome: list[T] = []
-        failures = iter([first_failure])
+        failures = iter([failure])
         async for attempt in backoff.aretry_context(
             retryable,
             retry_waits,
@@ -512,9 +534,9 @@ class Engine:
             cap=self.settings.retry_cap,
         ):
             with attempt:
-                failure = next(failures, None)
-                if failure is not None:
-                    raise failure  # the first attempt's failure: backoff waits and counts it
+                first = next(failures, None)
+                if first is not None:
+                    raise first  # the first attempt's failure: backoff waits and counts it
                 outcome.append(await call())
         return outcome[0]
 
@@ -529,96 +551,10 @@ class Engine:
     ) -> None:
         """Follow an accepted task to its end in the background (after a webhook wait, if any)."""
         self.http()  # a closed session starts nothing
-        poller = asyncio.get_running_loop().create_task(
-            self.follow(target, handle, snapshot, timeout, accepted=time.monotonic(), webhook=webhook),
-            name=f"image_gen_async poll {target.name} {handle.task_id}",
-        )
-        handle._poller = poller
-        self._pollers[poller] = handle
-        poller.add_done_callback(self._forget)
-
-    @staticmethod
-    def late(target: Target, handle: TaskHandle, started: float) -> TaskTimeoutError:
-        """The error for a handle whose deadline passed."""
-        return TaskTimeoutError(
-            f"{target.name} task {handle.task_id} not finished after "
-            f"{time.monotonic() - started:.1f} s ({handle.polls} polls); it may still finish",
-            task_id=handle.task_id,
-            provider=target.name,
-        )
-
-    def _forget(self, poller: asyncio.Task[None]) -> None:
-        self._pollers.pop(poller, None)
-
-    async def follow(
-        self,
-        target: Target,
-        handle: TaskHandle,
-        snapshot: Snapshot,
-        timeout: float | None,
-        *,
-        accepted: float,
-        webhook: bool = False,
-    ) -> None:
-        """The poll loop: sleep until the planned age, poll, until terminal or the deadline.
-
-        Ages count from ``accepted`` (when the create's answer came back). A job waiting on
-        a webhook first sleeps until it is clearly late; a callback that comes in the
-        meantime cancels this loop, so polling is only the safety net.
-        """
-        settings = self.settings.polling
-        deadline = accepted + (self.settings.task_timeout if timeout is None else timeout)
-        key = (target.name, handle.model)
-        estimate = handle.estimated_duration
-        request = self.poll_request(target, handle, snapshot.poll_url)
-        last_poll: float | None = None
-        last_running = 0.0
-        try:
-            if webhook:
-                upper = self.planner.upper_bound(key, estimate)
-                await asyncio.sleep(min(webhook_wait(upper, settings), max(0.0, deadline - accepted)))
-                log.info("%s task %s: no callback yet, polling", target.name, handle.task_id)
-            while True:
-                # Sleep until the planned age; re-plan on waking, since other jobs may have
-                # taught the planner that this one cannot be done yet.
-                while True:
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise self.late(target, handle, accepted)
-                    wait = accepted + self.planner.next_poll_age(key, estimate, last_poll, settings) - now
-                    if wait <= 0:
-                        break
-                    await asyncio.sleep(min(wait, deadline - now))
-                last_poll = time.monotonic() - accepted
-                remaining = deadline - time.monotonic()
-                try:
-                    if remaining > self.settings.read_timeout + self.settings.retry_cap:
-                        # Far from the deadline one poll cannot pass it, and backoff's own
-                        # budget ends its retries there: no timer needed.
-                        snapshot = await self.poll(target, handle, request, budget=remaining)
-                    else:
-                        async with asyncio.timeout(max(0.0, remaining)):
-                            snapshot = await self.poll(target, handle, request, budget=remaining)
-                except TimeoutError:
-                    raise self.late(target, handle, accepted) from None
-                except ImageGenError:
-                    if time.monotonic() >= deadline:
-                        raise self.late(target, handle, accepted) from None
-                    raise
-
-                handle.polls += 1
-                handle.observe(snapshot.status)
-                if snapshot.result is not None:
-                    self.finish(target, handle, snapshot.result, (last_running, last_poll))
-                    return
-                last_running = last_poll
-                self.planner.running(key, handle, last_poll, estimate)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # every failure ends on the handle, never in a lost task
-            handle.fail(error)
-        finally:
-            self.planner.forget(key, handle)
+        follower = Follower(self, target, handle, snapshot, timeout)
+        handle._poller = follower
+        self.followers.add(follower)
+        follower.begin(webhook=webhook)
 
     def poll_request(self, target: Target, handle: TaskHandle, poll_url: str | None) -> HttpRequest:
         """The codec's status call, or the server's own poll URL when it is on our origin."""
@@ -682,19 +618,22 @@ def failure_error(codec: Codec, result: TaskResult) -> TaskFailedError:
     return ContentPolicyError(result) if codec.content_policy(result) else TaskFailedError(result)
 
 
-def _stamp_tickets() -> aiohttp.TraceConfig:
-    """Stamp a create's rate-limit ticket when its headers are written, not when released."""
+class _StampingConnector(aiohttp.TCPConnector):
+    """The pool; stamps a create's rate-limit ticket as its request gets a connection.
 
-    async def on_headers_sent(
-        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestHeadersSentParams
-    ) -> None:
-        ticket = context.trace_request_ctx
-        if isinstance(ticket, Ticket):
+    From then on the request may reach the provider, so a failure is no longer safe to
+    retry; and the stamp is the send time the limiter's window counts. (Tracing could
+    stamp a moment later, when the headers are written, at several times the cost.)
+    """
+
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[aiohttp.tracing.Trace], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        ticket = _SENDING.get()
+        if ticket is not None:
             ticket.sent()
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(on_headers_sent)
-    return trace
+        return connection
 
 
 def _json_or_none(raw: bytes) -> Any:

@@ -9,8 +9,8 @@ in arrival order (an ``asyncio.Lock`` is first come, first served):
   steady stream runs just under the limit;
 - a sliding window on the moments creates actually went out: never more than ``rate``
   of them within ``1 + margin`` seconds. Each release hands out a ``Ticket``; the engine
-  stamps it when the request's headers are written, so time spent waiting for a pooled
-  connection or a busy event loop after release counts as it would at the server. The
+  stamps it when the request has its connection and starts out, so time spent waiting for
+  a pooled connection or a busy event loop after release counts as it would at the server. The
   window keeps any catch-up within the limit and leaves ``margin`` seconds for jitter
   on the wire.
 
@@ -34,7 +34,7 @@ RECOVERY = 1.05
 
 
 class Ticket:
-    """One release. Until the request's headers are written it is unsent and blocks the window."""
+    """One release. Until the request has a connection it is unsent and blocks the window."""
 
     __slots__ = ("_limiter", "at")
 
@@ -48,7 +48,7 @@ class Ticket:
         return self.at is not None
 
     def sent(self) -> None:
-        """The request's headers are being written now."""
+        """The request is going out now: it has its connection."""
         if self.at is None:
             self.at = asyncio.get_running_loop().time()
             if self._limiter is not None:
@@ -75,6 +75,9 @@ class Limiter(Protocol):
     @property
     def current_rate(self) -> float | None:
         """The rate in force now: lower than ``rate`` for a while after a 429."""
+
+    def ready(self) -> Ticket | None:
+        """A ticket at once when nobody need wait (no call to ``acquire``); None otherwise."""
 
     async def acquire(self) -> Ticket:
         """Wait for this caller's turn; the ticket is stamped ``sent()`` as the request goes out."""
@@ -108,11 +111,22 @@ class RateLimiter:
         """The rate in force now: lower than ``rate`` for a while after a 429."""
         return None if self.rate is None else self.rate * self._factor
 
+    def ready(self) -> Ticket | None:
+        """A ticket at once when unpaced and not paused by a 429: there is no queue to keep."""
+        if (
+            self.rate is None
+            and not self._lock.locked()
+            and self._next_slot <= asyncio.get_running_loop().time()
+        ):
+            return Ticket(None)
+        return None
+
     async def acquire(self) -> Ticket:
         """Wait for this caller's turn; stamp the ticket ``sent()`` as the request goes out."""
+        ticket = self.ready()
+        if ticket is not None:
+            return ticket
         loop = asyncio.get_running_loop()
-        if self.rate is None and not self._lock.locked() and self._next_slot <= loop.time():
-            return Ticket(None)  # unpaced and no 429 pause: no queue to keep
         async with self._lock:
             while True:
                 wait = self._wait_at(loop.time())

@@ -95,7 +95,8 @@ class ProviderClient:
         rate-limit turn: a journal records there that the job may exist from now on.
         """
         target = self._ready_target()
-        webhook_url = await self._callback_url(webhook, webhook_url)
+        if webhook:
+            webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
         snapshot, retries = await self._session._engine.create(
             target, model, request, before_send=before_create
