@@ -11,10 +11,12 @@ relative to the job's age; the question is when to start.
   an interpolated distribution, and the 3rd percentile is taken as their mirror image in
   log space (``median**2 / q97``): the lower tail is the part a good schedule never
   observes, because it only polls there when it must.
+  The first poll comes a little more than one growth step after it (``FIRST_STEP_STRETCH``).
 - Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
-- Cold, with jobs still running: no job is expected to end before ``SHRINK`` times the
-  age of the ``K``-th oldest job still running, so younger jobs wait rather than poll.
-  A job re-reads this when it wakes and sleeps on if the bar has moved past its age.
+- Cold or warm, with jobs still running: no job is expected to end before ``SHRINK`` times
+  the age of the ``K``-th oldest job still running, so younger jobs wait rather than poll
+  (early on, when few jobs are done, this is the better bound). A job re-reads this
+  when it wakes and sleeps on if the bar has moved past its age.
 - Nothing known at all: ``first_poll``, then the usual growth.
 
 Durations are learned relative to the estimate when there is one (an estimate that is
@@ -38,6 +40,10 @@ SHRINK = 0.8
 FLOOR_REFRESH = 16
 # With half the jobs done at their first poll, the median is not seen: start this much earlier.
 CENSORED_BACKOFF = 0.85
+# Warm, the first poll comes this much more than one growth step after the lower bound: only
+# the few jobs below that low quantile can see more lag than one step, and the bound itself
+# errs low (the low tail is hidden behind first polls that find jobs already done).
+FIRST_STEP_STRETCH = 1.125
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
 WEBHOOK_LATE_FACTOR = 1.25
 
@@ -144,17 +150,22 @@ class PollPlanner:
     def lower_bound(self, key: Key, estimate: float | None) -> float | None:
         """The earliest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
         history = self._history.get(key)
-        if history is not None and history.brackets:
-            if history.lower is None:
-                history.lower = _warm_lower(history.brackets)
-            return history.lower * (estimate or 1.0)
         bounds = []
         floor = history.cold_floor() if history is not None else None
         if floor is not None:
             bounds.append(floor)
-        if estimate:
+        if history is not None and history.brackets:
+            if history.lower is None:
+                history.lower = _warm_lower(history.brackets)
+            bounds.append(history.lower)
+        elif estimate:
             bounds.append(ESTIMATE_LOW_FACTOR)
         return max(bounds) * (estimate or 1.0) if bounds else None
+
+    def warm(self, key: Key) -> bool:
+        """True once jobs of this kind have completed, so the bounds are learned."""
+        history = self._history.get(key)
+        return history is not None and bool(history.brackets)
 
     def upper_bound(self, key: Key, estimate: float | None) -> float | None:
         """The latest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
@@ -174,7 +185,11 @@ class PollPlanner:
         growth = 1 + settings.growth
         lower = self.lower_bound(key, estimate)
         if last_poll is None:
-            return settings.first_poll if lower is None else lower * growth
+            if lower is None:
+                return settings.first_poll
+            if self.warm(key):
+                return lower * (1 + settings.growth * FIRST_STEP_STRETCH)
+            return lower * growth
         target = last_poll * growth
         if lower is not None:
             # New knowledge may move a running job on, never closer than one growth step below it.

@@ -124,6 +124,25 @@ def test_poll_plan_backs_off_when_most_jobs_are_done_at_the_first_poll() -> None
     assert planner.lower_bound(key, None) == pytest.approx(30 * 0.85)
 
 
+def test_poll_plan_warm_keeps_the_running_jobs_floor_and_stretches_the_first_step() -> None:
+    planner = PollPlanner()
+    key = ("dh3", "m")
+    settings = PollSettings(growth=0.08)
+    # Few jobs done yet, and wide brackets: the learned bound alone is low.
+    for i in range(5):
+        planner.completed(key, i, 10.0 + i, 30.0 + i, None)
+    learned = planner.lower_bound(key, None)
+    assert learned is not None and learned < 20.0
+    assert planner.next_poll_age(key, None, None, settings) == pytest.approx(learned * 1.09)
+    # Five older jobs still running at 30 s say no job of this kind ends before 0.8 x 30 s.
+    for job in range(10, 15):
+        planner.running(key, job, 30.0, None)
+    assert planner.lower_bound(key, None) == pytest.approx(24.0)
+    assert planner.next_poll_age(key, None, None, settings) == pytest.approx(24.0 * 1.09)
+    # Later polls keep to one growth step: the stretch is for the first one only.
+    assert planner.next_poll_age(key, None, 30.0, settings) == pytest.approx(30.0 * 1.08)
+
+
 @pytest.mark.parametrize("bias", [0.5, 1.0, 2.0])
 async def test_polling_seeded_from_estimate_stays_cheap(make_session: SessionFactory, bias: float) -> None:
     config = EmulatorConfig(duration=0.2, duration_spread=0.1, estimate_bias=bias, api_keys=dict(KEYS))
