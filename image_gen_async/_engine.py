@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import email.utils
 import functools
+import inspect
 import json
 import logging
 import math
@@ -373,7 +374,7 @@ class Engine:
         Whether the request can have reached the provider is known: its limiter ticket is
         stamped once it has a connection (before, nothing can have left). Unsent, it is retried; sent with
         no clear answer, it is ``SubmitUncertainError``. ``before_send()`` runs before
-        each attempt goes out, after its rate-limit turn.
+        each attempt goes out, after its rate-limit turn (awaited if it returns an awaitable).
         """
         codec = target.codec
         body = encode_body(request)
@@ -393,7 +394,9 @@ class Engine:
             ticket = target.limiter.ready() or await target.limiter.acquire()
             try:
                 if before_send is not None:
-                    before_send()
+                    pending = before_send()
+                    if inspect.isawaitable(pending):
+                        await pending
                 answer = await self.send(target, request, body=body, read_timeout=read_timeout, ticket=ticket)
             except (TransportError, ProtocolError) as error:
                 if not ticket.was_sent:

@@ -9,14 +9,16 @@ from one that never did (``pending``).
 Durability: WAL with ``synchronous=NORMAL``, so a commit is a write into the WAL
 (about 10 µs here) that survives the process being killed at any moment; only an OS
 crash or power loss can lose the last few commits. The one commit whose loss could
-make a rerun pay twice, ``creating``, is made with ``synchronous=FULL`` (an fsync of
-the WAL, which also makes every earlier commit durable): one fsync per create, which
-the providers' rate limits keep rare. The event-loop thread is the only writer.
+make a rerun pay twice, ``creating``, is followed by ``durable()``, an fsync of the WAL
+(what ``synchronous=FULL`` would do, and it makes every earlier commit durable too),
+before the create is sent. The fsync may take milliseconds on a real disk, so the batch
+runs it in a worker thread; every write to the database stays on the event-loop thread.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -64,6 +66,7 @@ class Journal:
 
     def __init__(self, path: Path, provider: str, model: str) -> None:
         self.path = path
+        self._wal: int | None = None  # a descriptor of the WAL file, for durable()
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each write commits
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -90,6 +93,11 @@ class Journal:
     def close(self) -> None:
         """Close the database (every write is already committed)."""
         self._db.close()
+        # Only after SQLite is done with the file: closing a descriptor drops the process's
+        # POSIX locks on that file.
+        if self._wal is not None:
+            os.close(self._wal)
+            self._wal = None
 
     def __enter__(self) -> Journal:
         return self
@@ -135,12 +143,17 @@ class Journal:
         )
 
     def creating(self, line: int) -> None:
-        """The create of job ``line`` goes out now: committed with an fsync before it is sent."""
-        self._db.execute("PRAGMA synchronous=FULL")
-        try:
-            self._set(line, "creating")
-        finally:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        """The create of job ``line`` goes out next; call ``durable()`` before sending it."""
+        self._set(line, "creating")
+
+    def durable(self) -> None:
+        """Make every commit so far survive an OS crash or power loss: an fsync of the WAL.
+
+        Blocking, and safe to call from a worker thread while the loop thread writes on.
+        """
+        if self._wal is None:
+            self._wal = os.open(f"{self.path}-wal", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        os.fsync(self._wal)
 
     def submitted(self, line: int, task_id: str, estimated_duration: float | None) -> None:
         """The provider accepted job ``line`` as ``task_id``: from now on it is polled, never resent."""

@@ -92,7 +92,8 @@ class ProviderClient:
         handle polls only if no callback comes well after the job should have ended.
         ``webhook_url`` passes a URL of your own instead (the handle then polls as usual).
         ``before_create()`` is called right before each create attempt is sent, after its
-        rate-limit turn: a journal records there that the job may exist from now on.
+        rate-limit turn (if it returns an awaitable, that is awaited before sending): a
+        journal records there, durably, that the job may exist from now on.
         """
         target = self._ready_target()
         if webhook:

@@ -164,6 +164,7 @@ class _ResultsFile:
 
     def __init__(self, path: Path, committed: int) -> None:
         self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed by close()
+        self._descriptor = self._file.fileno()
         if self._file.tell() > committed:
             # Lines written after the journal's last commit belong to jobs the journal will
             # run again: drop them so no job gets two lines for one outcome.
@@ -175,6 +176,10 @@ class _ResultsFile:
         self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         self._file.flush()
         return self._file.tell()
+
+    def durable(self) -> None:
+        """fsync what was appended (blocking; safe from a worker thread while lines are added)."""
+        os.fsync(self._descriptor)
 
     def close(self) -> None:
         self._file.close()
@@ -389,12 +394,26 @@ class _Batch:
             self.model,
             prompt=job.prompt,
             timeout=self.options.timeout,
-            before_create=lambda: self.journal.creating(job.line),
+            before_create=lambda: self._creating(job.line),
             **job.params,
         )
         self.journal.submitted(job.line, handle.task_id, handle.estimated_duration)
         self.stats.created += 1
         return await handle
+
+    async def _creating(self, line: int) -> None:
+        """Record that job ``line``'s create goes out, durably, before it is sent.
+
+        The fsyncs run in a worker thread: on a real disk they take milliseconds, and the
+        event loop has other jobs to serve. results.jsonl goes first, so no journal commit
+        made durable here names a results line that a power loss could take back.
+        """
+        self.journal.creating(line)
+        await asyncio.to_thread(self._durable)
+
+    def _durable(self) -> None:
+        self.results.durable()
+        self.journal.durable()
 
     def finish(
         self,

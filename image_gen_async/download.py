@@ -201,8 +201,8 @@ def _discard(file: IO[bytes], part: Path) -> None:
 def _commit(file: IO[bytes], part: Path, final: Path) -> None:
     """fsync the data, then rename into place: the final name never holds a torn file.
 
-    The directory is not fsynced: that only matters on power loss, when the journal's
-    last commits may be lost as well and the job is simply downloaded again.
+    The directory is fsynced after the rename, so the new name survives a power loss too
+    (best effort: some filesystems cannot fsync a directory).
     """
     try:
         file.flush()
@@ -212,3 +212,19 @@ def _commit(file: IO[bytes], part: Path, final: Path) -> None:
     except BaseException:
         _discard(file, part)
         raise
+    _fsync_directory(final.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: no directory descriptors
+        return
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # the file is in place; only its durability across a power loss is unsure
+    finally:
+        os.close(descriptor)

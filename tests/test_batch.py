@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from image_gen_async import ConfigurationError
+from image_gen_async._journal import Journal
 from image_gen_async.batch import (
     JOURNAL_NAME,
     RESULTS_NAME,
@@ -206,3 +208,19 @@ async def test_a_poll_that_gives_up_leaves_a_paid_job_unfinished(
     stats = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path)
     assert (stats.done, stats.resumed, stats.created) == (3, 3, 0)
     assert emulator.stats.creates["dh3"] == 3
+
+
+def test_journal_makes_a_creating_commit_durable_with_one_wal_descriptor(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite", "dh3", "nano-banana-pro")
+    journal.pending(1, "digest")
+    journal.creating(1)
+    journal.durable()
+    journal.durable()  # the WAL's descriptor is opened once and kept
+    descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    journal.close()
+    if descriptors is not None:
+        assert len(os.listdir("/proc/self/fd")) <= descriptors - 2  # the database and the WAL
+    reopened = Journal(tmp_path / "journal.sqlite", "dh3", "nano-banana-pro")
+    row = reopened.get(1)
+    reopened.close()
+    assert row is not None and row.state == "creating"

@@ -113,3 +113,40 @@ async def test_resume_polls_without_creating(make_session: SessionFactory, emula
     result = await resumed
     assert result.task_id == handle.task_id
     assert emulator.stats.creates["dh3"] == 1
+
+
+async def test_an_async_before_create_is_awaited_before_the_create_is_sent(
+    session: AsyncSession, emulator: Emulator
+) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+    seen_by_server: list[int] = []
+
+    async def record() -> None:
+        entered.set()
+        await release.wait()  # e.g. a journal's fsync, in a worker thread
+        seen_by_server.append(emulator.stats.creates["dh3"])
+
+    submit = session.dh3.submit("nano-banana-pro", prompt="a cat", before_create=record)
+    submitting = asyncio.ensure_future(submit)
+    await asyncio.wait_for(entered.wait(), 10)  # a regression would never call it
+    assert emulator.stats.creates["dh3"] == 0
+    release.set()
+    handle = await submitting
+    assert seen_by_server == [0]
+    assert emulator.stats.creates["dh3"] == 1
+    assert (await handle).status is TaskStatus.COMPLETED
+
+
+async def test_an_awaited_handle_outlives_its_cancelled_awaiters(session: AsyncSession) -> None:
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a cat")
+    waiters = [asyncio.ensure_future(_take(handle)) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()
+    results = await asyncio.gather(*waiters[1:])
+    assert all(result.status is TaskStatus.COMPLETED for result in results)
+    assert waiters[0].cancelled() and not handle.cancelled()
+    assert (await handle) is results[0]  # done: awaiting again returns at once
+
+
+async def _take(handle: TaskHandle) -> TaskResult:
+    return await handle
