@@ -391,7 +391,7 @@ class Engine:
             )
 
         async def once() -> Snapshot:
-            ticket = target.limiter.ready() or await target.limiter.acquire()
+            ticket = _ready(target.limiter) or await target.limiter.acquire()
             try:
                 if before_send is not None:
                     pending = before_send()
@@ -552,12 +552,26 @@ class Engine:
         *,
         webhook: bool = False,
     ) -> None:
-        """Follow an accepted task to its end in the background (after a webhook wait, if any)."""
-        self.http()  # a closed session starts nothing
-        follower = Follower(self, target, handle, snapshot, timeout)
-        handle._poller = follower
-        self.followers.add(follower)
-        follower.begin(webhook=webhook)
+        """Follow an accepted task to its end in the background (after a webhook wait, if any).
+
+        Never raises: the task exists, so whatever goes wrong ends on its handle, which
+        carries the task id for ``client.resume()``.
+        """
+        if self.closed:
+            handle.fail(
+                ConfigurationError(
+                    f"the session closed as {target.name} accepted task {handle.task_id}; "
+                    "it may still finish: client.resume() picks it up"
+                )
+            )
+            return
+        try:
+            follower = Follower(self, target, handle, snapshot, timeout)
+            handle._poller = follower
+            self.followers.add(follower)
+            follower.begin(webhook=webhook)
+        except Exception as error:
+            handle.fail(error)
 
     def poll_request(self, target: Target, handle: TaskHandle, poll_url: str | None) -> HttpRequest:
         """The codec's status call, or the server's own poll URL when it is on our origin."""
@@ -604,6 +618,12 @@ class Engine:
             handle.resolve(result)
         else:
             handle.fail(failure_error(target.codec, result))
+
+
+def _ready(limiter: Limiter) -> Ticket | None:
+    """The limiter's ticket without waiting, if it offers one (``ready()`` is optional)."""
+    ready = getattr(limiter, "ready", None)
+    return ready() if ready is not None else None
 
 
 def _without_callback_token(body: Any) -> Any:

@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ._polling import webhook_wait
-from .errors import ImageGenError, TaskTimeoutError
+from .errors import ConfigurationError, ImageGenError, TaskTimeoutError
 
 if TYPE_CHECKING:
     from ._engine import Engine, Target
@@ -119,7 +119,10 @@ class Follower:
             if due > now + SLACK:
                 self._timer = self._loop.call_at(min(due, self.deadline), self._plan, context=self._context)
             else:
-                self._task = self._loop.create_task(self._poll(), context=self._context)
+                # The task copies the context entered now (ours): under an eager task factory
+                # it starts at once, and a context cannot be entered twice.
+                task = self._loop.create_task(self._poll())
+                self._task = None if task.done() else task
         except Exception as error:  # every failure ends on the handle, never in a lost timer
             self._end(error)
 
@@ -154,6 +157,15 @@ class Follower:
             self._last_running = last_poll
             engine.planner.running(self._key, handle, last_poll, handle.estimated_duration)
         except asyncio.CancelledError:
+            if self._task is not None:
+                # Cancelled from outside (not by cancel(), which lets go of the task first):
+                # nobody will poll this job any more, so its handle must say so.
+                self._end(
+                    ConfigurationError(
+                        f"polling of {target.name} task {handle.task_id} was cancelled; "
+                        "it may still finish: client.resume() picks it up"
+                    )
+                )
             raise
         except Exception as error:  # every failure ends on the handle, never in a lost task
             self._end(error)

@@ -86,12 +86,13 @@ class PollSettings:
 class _History:
     """One provider+model: brackets of completed jobs and ages of jobs still running."""
 
-    __slots__ = ("brackets", "floor", "lower", "running", "updates")
+    __slots__ = ("brackets", "floor", "learned", "running", "updates")
 
     def __init__(self, size: int) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
         self.running: dict[Hashable, float] = {}
-        self.lower: float | None = None  # cached warm lower bound, reset on each completion
+        # Cached warm (lower bound, typical duration), reset on each completion.
+        self.learned: tuple[float, float] | None = None
         # The cold floor from running jobs, refreshed every FLOOR_REFRESH updates (ages only
         # grow, so a slightly stale floor is a slightly low one) and whenever a job leaves.
         self.floor: float | None = None
@@ -139,7 +140,7 @@ class PollPlanner:
         if history.running.pop(job, None) is not None:
             history.floor = None
         history.brackets.append((_relative(last_running, estimate), _relative(done, estimate)))
-        history.lower = None
+        history.learned = None
 
     def forget(self, key: Key, job: Hashable) -> None:
         """``job`` ended some other way (failed, cancelled): it no longer says anything."""
@@ -152,14 +153,20 @@ class PollPlanner:
         history = self._history.get(key)
         bounds = []
         floor = history.cold_floor() if history is not None else None
-        if floor is not None:
-            bounds.append(floor)
         if history is not None and history.brackets:
-            if history.lower is None:
-                history.lower = _warm_lower(history.brackets)
-            bounds.append(history.lower)
-        elif estimate:
-            bounds.append(ESTIMATE_LOW_FACTOR)
+            if history.learned is None:
+                history.learned = _warm_bounds(history.brackets)
+            lower, typical = history.learned
+            bounds.append(lower)
+            if floor is not None:
+                # Running jobs still hold the bound up while few have completed, but never
+                # past a typical learned duration: a few stuck jobs must not hold back new ones.
+                bounds.append(min(floor, typical))
+        else:
+            if floor is not None:
+                bounds.append(floor)
+            if estimate:
+                bounds.append(ESTIMATE_LOW_FACTOR)
         return max(bounds) * (estimate or 1.0) if bounds else None
 
     def warm(self, key: Key) -> bool:
@@ -201,15 +208,19 @@ def _relative(age: float, estimate: float | None) -> float:
     return age / estimate if estimate else age
 
 
-def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
-    """The 3rd percentile of the durations the brackets describe (see the module docstring)."""
+def _warm_bounds(brackets: deque[tuple[float, float]]) -> tuple[float, float]:
+    """The 3rd percentile and a typical value of the durations the brackets describe.
+
+    See the module docstring; the typical value is the median, or when that is hidden
+    below the first polls, the median of the bounds the early finishers were seen done by.
+    """
     censored = [done for running, done in brackets if running <= 0]
     seen = [(running, done) for running, done in brackets if running > 0]
     total = len(brackets)
     if len(censored) >= 0.45 * total or len(seen) < 4:
         # The median is hidden below the first polls: start earlier than most were seen done.
         reference = sorted(censored)[len(censored) // 2] if censored else min(r for r, _ in seen)
-        return reference * CENSORED_BACKOFF
+        return reference * CENSORED_BACKOFF, reference
 
     def share_done_by(x: float) -> float:
         # Each bracketed job is spread evenly over its bracket; a censored one sits at its bound.
@@ -224,7 +235,7 @@ def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
         return high
 
     median = quantile(0.5)
-    return median * median / quantile(0.97)
+    return median * median / quantile(0.97), median
 
 
 def _share(x: float, running: float, done: float) -> float:

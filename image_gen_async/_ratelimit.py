@@ -66,7 +66,11 @@ def slot_interval(rate: float, margin: float) -> float:
 
 
 class Limiter(Protocol):
-    """What the engine asks of a create limiter, wherever its schedule lives."""
+    """What the engine asks of a create limiter, wherever its schedule lives.
+
+    A limiter may also offer ``ready() -> Ticket | None``: a ticket at once when nobody
+    need wait, which spares the engine a coroutine per create; without it, ``acquire``.
+    """
 
     @property
     def rate(self) -> float | None:
@@ -75,9 +79,6 @@ class Limiter(Protocol):
     @property
     def current_rate(self) -> float | None:
         """The rate in force now: lower than ``rate`` for a while after a 429."""
-
-    def ready(self) -> Ticket | None:
-        """A ticket at once when nobody need wait (no call to ``acquire``); None otherwise."""
 
     async def acquire(self) -> Ticket:
         """Wait for this caller's turn; the ticket is stamped ``sent()`` as the request goes out."""

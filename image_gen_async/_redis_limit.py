@@ -130,10 +130,6 @@ class RedisLimiter:
             return self._fallback.current_rate
         return self.rate * self._factor
 
-    def ready(self) -> Ticket | None:
-        """Never at once: every create reserves its slot in Redis."""
-        return None
-
     async def acquire(self) -> Ticket:
         """Reserve the next shared slot and sleep until it comes."""
         loop = asyncio.get_running_loop()

@@ -6,9 +6,17 @@ import asyncio
 
 import pytest
 
-from image_gen_async import AsyncSession, TaskHandle, TaskResult, TaskStatus, TaskTimeoutError
+from image_gen_async import (
+    AsyncSession,
+    ConfigurationError,
+    TaskHandle,
+    TaskResult,
+    TaskStatus,
+    TaskTimeoutError,
+)
 from image_gen_async.testing import Emulator
 
+from .batch_helpers import wait_for
 from .conftest import SessionFactory
 
 
@@ -150,3 +158,30 @@ async def test_an_awaited_handle_outlives_its_cancelled_awaiters(session: AsyncS
 
 async def _take(handle: TaskHandle) -> TaskResult:
     return await handle
+
+
+async def test_a_poll_cancelled_from_outside_ends_its_handle(
+    session: AsyncSession, emulator: Emulator
+) -> None:
+    handle = await session.dh3.submit("nano-banana-pro", prompt="a cat")
+    emulator.config.faults.slow, emulator.config.faults.slow_seconds = 1.0, 1.0  # polls stay on the wire
+    follower = handle._poller
+    assert follower is not None
+    await wait_for(lambda: follower.polling is not None)
+    assert follower.polling is not None
+    follower.polling.cancel()  # e.g. an application cancelling every task at shutdown
+    with pytest.raises(ConfigurationError, match="resume"):
+        await handle
+    assert follower not in session._engine.followers
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "eager_task_factory"), reason="eager tasks are Python 3.12+")
+async def test_polling_under_an_eager_task_factory(session: AsyncSession) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    try:
+        handles = [await session.dh3.submit("nano-banana-pro", prompt=f"a cat {i}") for i in range(5)]
+        results = await asyncio.wait_for(asyncio.gather(*handles), 10)
+    finally:
+        loop.set_task_factory(None)
+    assert all(result.status is TaskStatus.COMPLETED for result in results)
