@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import time
 
 import aiohttp
@@ -17,7 +18,22 @@ THROUGHPUT_JOBS = 2000
 
 
 async def memory_per_job(count: int) -> float:
-    """RSS growth per handle with ``count`` jobs waiting between polls (resumed: no creates needed)."""
+    """RSS growth per handle with ``count`` jobs waiting between polls, in a fresh process.
+
+    A process that ran other sections first would hand the new jobs memory it freed
+    earlier, and the growth would read low.
+    """
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.scale", str(count), stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"the memory measurement for {count} jobs failed ({child.returncode})")
+    return float(output.decode().split()[-1])
+
+
+async def _measure_memory(count: int) -> float:
+    """In this process: RSS growth per handle (resumed, so no creates are needed)."""
     async with session_for("http://127.0.0.1:9") as session:
         gc.collect()
         before = rss_bytes()
@@ -25,7 +41,7 @@ async def memory_per_job(count: int) -> float:
             session.dh3.resume(f"task-{i:09d}", "nano-banana-pro", estimated_duration=3600.0)
             for i in range(count)
         ]
-        await asyncio.sleep(0.5)  # every poll loop has started and is asleep
+        await asyncio.sleep(0.5)  # every job has planned its first poll and is asleep
         gc.collect()
         grown = rss_bytes() - before
         for handle in handles:
@@ -95,3 +111,7 @@ async def run() -> list[Row]:
         )
     )
     return rows
+
+
+if __name__ == "__main__":
+    print(asyncio.run(_measure_memory(int(sys.argv[1]))))

@@ -10,7 +10,10 @@ relative to the job's age; the question is when to start.
   an upper bound. From these brackets the median and the 97th percentile are read off
   an interpolated distribution, and the 3rd percentile is taken as their mirror image in
   log space (``median**2 / q97``): the lower tail is the part a good schedule never
-  observes, because it only polls there when it must.
+  observes, because it only polls there when it must. While few jobs are done the
+  mirror can land high, so it stays a little under the quickest job seen done; when
+  half the jobs are done at their first poll the median is hidden, and the bound backs
+  off below the age most were seen done by.
   The first poll comes a little more than one growth step after it (``FIRST_STEP_STRETCH``).
 - Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
 - Cold or warm, with jobs still running: no job is expected to end before ``SHRINK`` times
@@ -44,6 +47,8 @@ CENSORED_BACKOFF = 0.85
 # the few jobs below that low quantile can see more lag than one step, and the bound itself
 # errs low (the low tail is hidden behind first polls that find jobs already done).
 FIRST_STEP_STRETCH = 1.125
+# The warm bound stays this factor under the quickest job seen done (about half a step).
+QUICKEST_MARGIN = 1.04
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
 WEBHOOK_LATE_FACTOR = 1.25
 
@@ -211,16 +216,17 @@ def _relative(age: float, estimate: float | None) -> float:
 def _warm_bounds(brackets: deque[tuple[float, float]]) -> tuple[float, float]:
     """The 3rd percentile and a typical value of the durations the brackets describe.
 
-    See the module docstring; the typical value is the median, or when that is hidden
-    below the first polls, the median of the bounds the early finishers were seen done by.
+    See the module docstring; the typical value is the median, or when that cannot be
+    read off yet, the median of the ages at which the jobs were seen done.
     """
     censored = [done for running, done in brackets if running <= 0]
     seen = [(running, done) for running, done in brackets if running > 0]
     total = len(brackets)
-    if len(censored) >= 0.45 * total or len(seen) < 4:
+    if len(censored) >= 0.5 * total or len(seen) < 4:
         # The median is hidden below the first polls: start earlier than most were seen done.
         reference = sorted(censored)[len(censored) // 2] if censored else min(r for r, _ in seen)
-        return reference * CENSORED_BACKOFF, reference
+        typical = sorted(done for _, done in brackets)[total // 2]
+        return reference * CENSORED_BACKOFF, typical
 
     def share_done_by(x: float) -> float:
         # Each bracketed job is spread evenly over its bracket; a censored one sits at its bound.
@@ -235,7 +241,11 @@ def _warm_bounds(brackets: deque[tuple[float, float]]) -> tuple[float, float]:
         return high
 
     median = quantile(0.5)
-    return median * median / quantile(0.97), median
+    # With few jobs done the mirror can land high: cap it just under the quickest job seen
+    # done. Once warm this never binds: every first poll comes more than that margin after
+    # the bound, so no job is seen done before it.
+    quickest = min(done for _, done in brackets) / QUICKEST_MARGIN
+    return min(median * median / quantile(0.97), quickest), median
 
 
 def _share(x: float, running: float, done: float) -> float:

@@ -203,6 +203,17 @@ async def test_waiting_for_a_pooled_connection_is_not_a_connect_timeout(
     assert emulator.stats.creates["nananobanana"] == 60
 
 
+def test_poll_plan_warm_bound_stays_under_the_quickest_job_seen_done() -> None:
+    planner = PollPlanner()
+    key = ("dh3", "m")
+    # Four jobs seen done in the same bracket and one quicker: the mirror alone would say
+    # about 28 s, but a job was seen done by 27 s.
+    for i in range(4):
+        planner.completed(key, i, 28.0, 30.0, None)
+    planner.completed(key, 4, 25.0, 27.0, None)
+    assert planner.lower_bound(key, None) == pytest.approx(27.0 / 1.04)
+
+
 def test_poll_plan_warm_is_not_held_back_by_stuck_jobs() -> None:
     planner = PollPlanner()
     key = ("dh3", "m")
