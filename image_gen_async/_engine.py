@@ -551,8 +551,12 @@ class Engine:
         timeout: float | None,
         *,
         webhook: bool = False,
+        learn: bool = True,
     ) -> None:
         """Follow an accepted task to its end in the background (after a webhook wait, if any).
+
+        ``learn=False`` (a resumed task, whose ages do not count from its start) keeps its
+        polls out of the planner's history.
 
         Never raises: the task exists, so whatever goes wrong ends on its handle, which
         carries the task id for ``client.resume()``.
@@ -566,7 +570,7 @@ class Engine:
             )
             return
         try:
-            follower = Follower(self, target, handle, snapshot, timeout)
+            follower = Follower(self, target, handle, snapshot, timeout, learn=learn)
             handle._poller = follower
             self.followers.add(follower)
             follower.begin(webhook=webhook)

@@ -40,6 +40,7 @@ class Follower:
         "_key",
         "_last_poll",
         "_last_running",
+        "_learn",
         "_loop",
         "_request",
         "_target",
@@ -51,9 +52,18 @@ class Follower:
     )
 
     def __init__(
-        self, engine: Engine, target: Target, handle: TaskHandle, snapshot: Snapshot, timeout: float | None
+        self,
+        engine: Engine,
+        target: Target,
+        handle: TaskHandle,
+        snapshot: Snapshot,
+        timeout: float | None,
+        *,
+        learn: bool = True,
     ) -> None:
         self._engine = engine
+        # A resumed job's ages count from the resume, not from its start: they teach nothing.
+        self._learn = learn
         self._target = target
         self._handle = handle
         self._loop = asyncio.get_running_loop()
@@ -151,11 +161,13 @@ class Follower:
             handle.polls += 1
             handle.observe(snapshot.status)
             if snapshot.result is not None:
-                engine.finish(target, handle, snapshot.result, (self._last_running, last_poll))
+                took = (self._last_running, last_poll) if self._learn else None
+                engine.finish(target, handle, snapshot.result, took)
                 self._end(None)
                 return
             self._last_running = last_poll
-            engine.planner.running(self._key, handle, last_poll, handle.estimated_duration)
+            if self._learn:
+                engine.planner.running(self._key, handle, last_poll, handle.estimated_duration)
         except asyncio.CancelledError:
             if self._task is not None:
                 # Cancelled from outside (not by cancel(), which lets go of the task first):

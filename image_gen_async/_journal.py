@@ -69,8 +69,11 @@ class Journal:
         self._wal: int | None = None  # a descriptor of the WAL file, for durable()
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each write commits
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            # Where WAL is not possible (some network filesystems), every commit is fsynced
+            # as it is made instead, and durable() has nothing left to do.
+            self._wal_mode = str(mode).lower() == "wal"
+            self._db.execute("PRAGMA synchronous=NORMAL" if self._wal_mode else "PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._check_meta(provider, model)
         except BaseException:
@@ -145,15 +148,25 @@ class Journal:
     def creating(self, line: int) -> None:
         """The create of job ``line`` goes out next; call ``durable()`` before sending it."""
         self._set(line, "creating")
+        if self._wal is None and self._wal_mode:
+            # Opened here, on the writing thread, once: the WAL exists after a commit. SQLite
+            # puts it next to the real file, wherever a symlinked path points.
+            wal = f"{os.path.realpath(self.path)}-wal"
+            # Windows flushes only a descriptor open for writing; nothing is written through it.
+            access = os.O_RDWR if os.name == "nt" else os.O_RDONLY
+            self._wal = os.open(wal, access | getattr(os, "O_CLOEXEC", 0))
+
+    def not_sent(self, line: int) -> None:
+        """Job ``line``'s create was recorded but never sent (it could not be made durable)."""
+        self._set(line, "pending")
 
     def durable(self) -> None:
         """Make every commit so far survive an OS crash or power loss: an fsync of the WAL.
 
         Blocking, and safe to call from a worker thread while the loop thread writes on.
         """
-        if self._wal is None:
-            self._wal = os.open(f"{self.path}-wal", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        os.fsync(self._wal)
+        if self._wal is not None:
+            os.fsync(self._wal)
 
     def submitted(self, line: int, task_id: str, estimated_duration: float | None) -> None:
         """The provider accepted job ``line`` as ``task_id``: from now on it is polled, never resent."""

@@ -16,10 +16,11 @@ relative to the job's age; the question is when to start.
   off below the age most were seen done by.
   The first poll comes a little more than one growth step after it (``FIRST_STEP_STRETCH``).
 - Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
-- Cold or warm, with jobs still running: no job is expected to end before ``SHRINK`` times
-  the age of the ``K``-th oldest job still running, so younger jobs wait rather than poll
-  (early on, when few jobs are done, this is the better bound). A job re-reads this
-  when it wakes and sleeps on if the bar has moved past its age.
+- Cold, with jobs still running: no job is expected to end before ``SHRINK`` times the
+  age of the ``K``-th oldest job still running, so younger jobs wait rather than poll.
+  A job re-reads this when it wakes and sleeps on if the bar has moved past its age.
+  (Not once warm: with many jobs in flight and a long tail, the oldest running jobs
+  are the slow ones, and they would hold every new job back.)
 - Nothing known at all: ``first_poll``, then the usual growth.
 
 Durations are learned relative to the estimate when there is one (an estimate that is
@@ -47,7 +48,9 @@ CENSORED_BACKOFF = 0.85
 # the few jobs below that low quantile can see more lag than one step, and the bound itself
 # errs low (the low tail is hidden behind first polls that find jobs already done).
 FIRST_STEP_STRETCH = 1.125
-# The warm bound stays this factor under the quickest job seen done (about half a step).
+# While fewer than FEW_DONE jobs are done, the warm bound stays this factor under the
+# quickest seen done (about half a step).
+FEW_DONE = 32
 QUICKEST_MARGIN = 1.04
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
 WEBHOOK_LATE_FACTOR = 1.25
@@ -91,13 +94,12 @@ class PollSettings:
 class _History:
     """One provider+model: brackets of completed jobs and ages of jobs still running."""
 
-    __slots__ = ("brackets", "floor", "learned", "running", "updates")
+    __slots__ = ("brackets", "floor", "lower", "running", "updates")
 
     def __init__(self, size: int) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
         self.running: dict[Hashable, float] = {}
-        # Cached warm (lower bound, typical duration), reset on each completion.
-        self.learned: tuple[float, float] | None = None
+        self.lower: float | None = None  # cached warm lower bound, reset on each completion
         # The cold floor from running jobs, refreshed every FLOOR_REFRESH updates (ages only
         # grow, so a slightly stale floor is a slightly low one) and whenever a job leaves.
         self.floor: float | None = None
@@ -141,11 +143,14 @@ class PollPlanner:
         self, key: Key, job: Hashable, last_running: float, done: float, estimate: float | None
     ) -> None:
         """``job`` was seen done at age ``done``; ``last_running`` is its last age seen running (0: none)."""
+        # A wall clock stepped back can make a webhook's age negative: no job takes less than 0.
+        done = max(0.0, done)
+        last_running = min(max(0.0, last_running), done)
         history = self._of(key)
         if history.running.pop(job, None) is not None:
             history.floor = None
         history.brackets.append((_relative(last_running, estimate), _relative(done, estimate)))
-        history.learned = None
+        history.lower = None
 
     def forget(self, key: Key, job: Hashable) -> None:
         """``job`` ended some other way (failed, cancelled): it no longer says anything."""
@@ -156,22 +161,16 @@ class PollPlanner:
     def lower_bound(self, key: Key, estimate: float | None) -> float | None:
         """The earliest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
         history = self._history.get(key)
+        if history is not None and history.brackets:
+            if history.lower is None:
+                history.lower = _warm_lower(history.brackets)
+            return history.lower * (estimate or 1.0)
         bounds = []
         floor = history.cold_floor() if history is not None else None
-        if history is not None and history.brackets:
-            if history.learned is None:
-                history.learned = _warm_bounds(history.brackets)
-            lower, typical = history.learned
-            bounds.append(lower)
-            if floor is not None:
-                # Running jobs still hold the bound up while few have completed, but never
-                # past a typical learned duration: a few stuck jobs must not hold back new ones.
-                bounds.append(min(floor, typical))
-        else:
-            if floor is not None:
-                bounds.append(floor)
-            if estimate:
-                bounds.append(ESTIMATE_LOW_FACTOR)
+        if floor is not None:
+            bounds.append(floor)
+        if estimate:
+            bounds.append(ESTIMATE_LOW_FACTOR)
         return max(bounds) * (estimate or 1.0) if bounds else None
 
     def warm(self, key: Key) -> bool:
@@ -213,20 +212,15 @@ def _relative(age: float, estimate: float | None) -> float:
     return age / estimate if estimate else age
 
 
-def _warm_bounds(brackets: deque[tuple[float, float]]) -> tuple[float, float]:
-    """The 3rd percentile and a typical value of the durations the brackets describe.
-
-    See the module docstring; the typical value is the median, or when that cannot be
-    read off yet, the median of the ages at which the jobs were seen done.
-    """
+def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
+    """The 3rd percentile of the durations the brackets describe (see the module docstring)."""
     censored = [done for running, done in brackets if running <= 0]
     seen = [(running, done) for running, done in brackets if running > 0]
     total = len(brackets)
     if len(censored) >= 0.5 * total or len(seen) < 4:
         # The median is hidden below the first polls: start earlier than most were seen done.
         reference = sorted(censored)[len(censored) // 2] if censored else min(r for r, _ in seen)
-        typical = sorted(done for _, done in brackets)[total // 2]
-        return reference * CENSORED_BACKOFF, typical
+        return reference * CENSORED_BACKOFF
 
     def share_done_by(x: float) -> float:
         # Each bracketed job is spread evenly over its bracket; a censored one sits at its bound.
@@ -241,11 +235,12 @@ def _warm_bounds(brackets: deque[tuple[float, float]]) -> tuple[float, float]:
         return high
 
     median = quantile(0.5)
-    # With few jobs done the mirror can land high: cap it just under the quickest job seen
-    # done. Once warm this never binds: every first poll comes more than that margin after
-    # the bound, so no job is seen done before it.
-    quickest = min(done for _, done in brackets) / QUICKEST_MARGIN
-    return min(median * median / quantile(0.97), quickest), median
+    lower = median * median / quantile(0.97)
+    if total < FEW_DONE:
+        # From a handful of jobs the mirror can land high: keep just under the quickest
+        # seen done. (Only then: later, one freak quick answer must not pin the bound.)
+        lower = min(lower, min(done for _, done in brackets) / QUICKEST_MARGIN)
+    return lower
 
 
 def _share(x: float, running: float, done: float) -> float:

@@ -162,7 +162,7 @@ class ProviderClient:
         """A handle for a task created earlier (e.g. by a process that died): polls, never creates."""
         self._ready_target()
         snapshot = Snapshot(task_id, TaskStatus.QUEUED, estimated_duration=estimated_duration)
-        return self._follow(snapshot, model, 0, timeout)
+        return self._follow(snapshot, model, 0, timeout, learn=False)
 
     def _follow(
         self,
@@ -173,6 +173,7 @@ class ProviderClient:
         *,
         webhook: bool = False,
         took: tuple[float, float] | None = None,
+        learn: bool = True,
     ) -> TaskHandle:
         target = self._target
         engine = self._session._engine
@@ -187,7 +188,7 @@ class ProviderClient:
         if snapshot.result is not None:
             engine.finish(target, handle, snapshot.result, took)
         else:
-            engine.start(target, handle, snapshot, timeout, webhook=webhook)
+            engine.start(target, handle, snapshot, timeout, webhook=webhook, learn=learn)
             if webhook:
                 self._session.webhooks.expect(target, handle)
         return handle

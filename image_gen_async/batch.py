@@ -405,11 +405,18 @@ class _Batch:
         """Record that job ``line``'s create goes out, durably, before it is sent.
 
         The fsyncs run in a worker thread: on a real disk they take milliseconds, and the
-        event loop has other jobs to serve. results.jsonl goes first, so no journal commit
-        made durable here names a results line that a power loss could take back.
+        event loop has other jobs to serve. results.jsonl goes first, so every line written
+        before this create is durable with the journal commits that count it (a job that
+        finishes while the fsyncs run may still lose its line to a power loss; its files
+        and journal row stay). If the fsync fails or the wait is cancelled, the create is
+        never sent, and the row says so.
         """
         self.journal.creating(line)
-        await asyncio.to_thread(self._durable)
+        try:
+            await asyncio.to_thread(self._durable)
+        except BaseException:
+            self.journal.not_sent(line)
+            raise
 
     def _durable(self) -> None:
         self.results.durable()

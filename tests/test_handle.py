@@ -121,6 +121,8 @@ async def test_resume_polls_without_creating(make_session: SessionFactory, emula
     result = await resumed
     assert result.task_id == handle.task_id
     assert emulator.stats.creates["dh3"] == 1
+    # Its ages counted from the resume, not from its start: the planner learns nothing from it.
+    assert not second._engine.planner.warm(("dh3", "nano-banana-pro"))
 
 
 async def test_an_async_before_create_is_awaited_before_the_create_is_sent(
