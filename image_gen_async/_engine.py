@@ -372,9 +372,10 @@ class Engine:
         """Send a create, retrying only what cannot have made a task; the snapshot and retries.
 
         Whether the request can have reached the provider is known: its limiter ticket is
-        stamped once it has a connection (before, nothing can have left). Unsent, it is retried; sent with
-        no clear answer, it is ``SubmitUncertainError``. ``before_send()`` runs before
-        each attempt goes out, after its rate-limit turn (awaited if it returns an awaitable).
+        stamped once it has a connection (before, nothing can have left). Unsent, it is
+        retried; sent with no clear answer, it is ``SubmitUncertainError``. ``before_send()``
+        runs before each attempt goes out, after its rate-limit turn (awaited if it returns
+        an awaitable).
         """
         codec = target.codec
         body = encode_body(request)
@@ -435,12 +436,7 @@ class Engine:
             retries += 1
             log.warning("%s create retry %d in %.2f s: %s", target.name, tries, wait, _describe(error))
 
-        try:
-            return await once(), 0  # most creates succeed at once: no retry machinery
-        except TRANSIENT_FAILURES as error:
-            failure = error
-        tries = self.settings.create_retries + 1
-        snapshot = await self.retry_after(failure, once, tries=tries, on_retry=on_retry)
+        snapshot = await self.retrying(once, tries=self.settings.create_retries + 1, on_retry=on_retry)
         return snapshot, retries
 
     async def poll(
@@ -463,11 +459,6 @@ class Engine:
             answer = await self.send(target, request, url=url)
             return codec.read_poll(handle.task_id, handle.model, decode(codec, answer, secret=secret))
 
-        try:
-            return await once()  # most polls succeed at once: no retry machinery
-        except TRANSIENT_FAILURES as error:
-            failure = error
-
         def on_retry(tries: int, wait: float, error: BaseException) -> None:
             handle.retries += 1
             log.warning(
@@ -480,8 +471,8 @@ class Engine:
             )
 
         retries = self.settings.poll_retries
-        return await self.retry_after(
-            failure, once, tries=None if retries is None else retries + 1, on_retry=on_retry, max_time=budget
+        return await self.retrying(
+            once, tries=None if retries is None else retries + 1, on_retry=on_retry, max_time=budget
         )
 
     async def retrying(
@@ -490,37 +481,22 @@ class Engine:
         *,
         tries: int | None,
         on_retry: Callable[[int, float, BaseException], None],
-        retryable: tuple[type[Exception], ...] = TRANSIENT_FAILURES,
-        giveup: Callable[[BaseException], bool] = is_final,
-    ) -> T:
-        """Run ``call``, retrying what ``retry_after`` would."""
-        try:
-            return await call()
-        except retryable as error:
-            failure = error
-        return await self.retry_after(
-            failure, call, tries=tries, on_retry=on_retry, retryable=retryable, giveup=giveup
-        )
-
-    async def retry_after(
-        self,
-        failure: Exception,
-        call: Callable[[], Awaitable[T]],
-        *,
-        tries: int | None,
-        on_retry: Callable[[int, float, BaseException], None],
         max_time: float | None = None,
         retryable: tuple[type[Exception], ...] = TRANSIENT_FAILURES,
         giveup: Callable[[BaseException], bool] = is_final,
     ) -> T:
-        """After ``call`` failed with ``failure``, retry it under ``backoff`` while that is worth it.
+        """Run ``call``, and retry it under ``backoff`` while its failures are worth retrying.
 
         Waits are jittered exponential, or the server's ``Retry-After``. Only ``retryable``
         failures are retried (``Exception`` subclasses, so cancellation always propagates),
-        never one ``giveup`` calls final; ``tries`` counts the first attempt. Calls that
-        usually succeed make their first attempt themselves and come here only on failure.
+        never one ``giveup`` calls final; ``tries`` counts the first attempt.
         """
-        if not isinstance(failure, retryable) or giveup(failure) or tries == 1:
+        # Most calls succeed at once: only a failure pays for backoff's machinery.
+        try:
+            return await call()
+        except retryable as error:
+            failure = error
+        if giveup(failure) or tries == 1:
             raise failure
         outcome: list[T] = []
         failures = iter([failure])
