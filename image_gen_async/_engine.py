@@ -16,7 +16,6 @@ import contextvars
 import email.utils
 import functools
 import inspect
-import json
 import logging
 import math
 import random
@@ -31,6 +30,7 @@ import backoff
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from . import _json
 from ._follower import Follower
 from ._handle import TaskHandle
 from ._polling import PollPlanner, PollSettings
@@ -44,6 +44,7 @@ from .errors import (
     ProtocolError,
     RateLimitError,
     ServerError,
+    SessionClosedError,
     SubmitUncertainError,
     TaskFailedError,
     TransportError,
@@ -62,8 +63,6 @@ _NOT_JSON = object()
 # Body fields that carry a callback URL (Get3W v3, dh3); the last path segment is the token.
 CALLBACK_FIELDS = frozenset({"webhook_url", "callback_url"})
 _QUERY = re.compile(r"\?[^\s'\"]*")
-# Separators and NaN handling fixed once: json.dumps with options builds an encoder per call.
-_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 # The rate-limit ticket of the create this task is sending, for the connector to stamp.
 _SENDING: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
     "image_gen_async_ticket", default=None
@@ -177,8 +176,8 @@ def encode_body(request: HttpRequest) -> bytes | None:
     if request.json is None:
         return None
     try:
-        return _JSON.encode(request.json).encode()
-    except (TypeError, ValueError) as error:
+        return _json.dumps(request.json)
+    except ValueError as error:
         raise InvalidRequestError(f"parameters are not JSON: {error}") from None
 
 
@@ -193,8 +192,8 @@ def decode(codec: Codec, answer: Answer, *, secret: str | None = None) -> Any:
             f"{answer.headers.get('Location', '?')!r}; set base_urls to the origin it means"
         )
     try:
-        body: Any = json.loads(answer.raw)
-    except (ValueError, UnicodeDecodeError):
+        body: Any = _json.loads(answer.raw)
+    except ValueError:
         body = _NOT_JSON
     if body is _NOT_JSON:
         if answer.status < 400:
@@ -268,7 +267,7 @@ class Engine:
     def http(self) -> aiohttp.ClientSession:
         """The shared aiohttp session, made on first use inside the running loop."""
         if self.closed:
-            raise ConfigurationError("the session is closed; open a new AsyncSession")
+            raise SessionClosedError("the session is closed; open a new AsyncSession")
         if self._http is None:
             s = self.settings
             self._http = aiohttp.ClientSession(
@@ -293,7 +292,7 @@ class Engine:
         for follower in followers:
             handle = follower.handle
             handle.fail(
-                ConfigurationError(
+                SessionClosedError(
                     f"session closed while waiting for {handle.provider} task {handle.task_id}; "
                     "it may still finish: client.resume() picks it up"
                 )
@@ -539,7 +538,7 @@ class Engine:
         """
         if self.closed:
             handle.fail(
-                ConfigurationError(
+                SessionClosedError(
                     f"the session closed as {target.name} accepted task {handle.task_id}; "
                     "it may still finish: client.resume() picks it up"
                 )
@@ -641,8 +640,8 @@ class _StampingConnector(aiohttp.TCPConnector):
 
 def _json_or_none(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        return _json.loads(raw)
+    except ValueError:
         return None
 
 

@@ -20,6 +20,11 @@ class ConfigurationError(ImageGenError):
     """The session or a client is set up wrongly (missing key, unknown client, closed session)."""
 
 
+class SessionClosedError(ConfigurationError):
+    """The session was closed: nothing more is sent. A task already accepted may still finish
+    at the provider (``client.resume()`` picks it up); a create not yet sent was not made."""
+
+
 class BackendUnavailableError(ImageGenError):
     """The shared backend (Redis) could not be reached, so nothing was sent: never unlimited."""
 
