@@ -1,9 +1,10 @@
 """TaskHandle: one accepted job, awaitable any number of times.
 
-A handle is small (slots, one future) and does no waiting of its own: the engine's
-follower (or a webhook) resolves it. Each await waits on a future of its own, so a
-caller's timeout or cancellation (``asyncio.wait_for``, a cancelled ``gather``)
-never stops the job: only ``handle.cancel()`` does.
+A handle is small (slots, one future) and does no waiting of its own: whoever follows
+the task (``_follow``, or a webhook) resolves it, and hangs a cancel hook on it meanwhile.
+Each await waits on a future of its own, so a caller's timeout or cancellation
+(``asyncio.wait_for``, a cancelled ``gather``) never stops the job: only
+``handle.cancel()`` does.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import TaskFailedError
 from .models import TaskResult, TaskStatus
-
-if TYPE_CHECKING:
-    from ._follower import Follower
 
 
 def _wake(waiter: asyncio.Future[None], _: object) -> None:
@@ -36,7 +34,7 @@ class TaskHandle:
     __slots__ = (
         "__weakref__",
         "_future",
-        "_poller",
+        "_on_cancel",
         "estimated_duration",
         "finished_at",
         "model",
@@ -68,7 +66,9 @@ class TaskHandle:
         self.submitted_at = time.time()
         self.finished_at: float | None = None
         self._future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
-        self._poller: Follower | None = None
+        # Stops whoever follows the task; dropped once the handle is done, so a finished
+        # handle keeps nothing of its follower (nor the submitter's context) alive.
+        self._on_cancel: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -107,8 +107,9 @@ class TaskHandle:
 
     def cancel(self) -> bool:
         """Stop waiting and polling. Nothing is sent to the provider and nothing resubmitted."""
-        if self._poller is not None:
-            self._poller.cancel()
+        on_cancel, self._on_cancel = self._on_cancel, None
+        if on_cancel is not None:
+            on_cancel()
         cancelled = self._future.cancel()
         if cancelled:
             self.finished_at = time.time()
@@ -134,6 +135,7 @@ class TaskHandle:
     def resolve(self, result: TaskResult) -> None:
         """Finish with the provider's final answer (first answer wins)."""
         if not self._future.done():
+            self._on_cancel = None
             self.observe(result.status)
             self.finished_at = time.time()
             self._future.set_result(result)
@@ -141,6 +143,7 @@ class TaskHandle:
     def fail(self, error: BaseException) -> None:
         """Finish with an error (first answer wins)."""
         if not self._future.done():
+            self._on_cancel = None
             if isinstance(error, TaskFailedError):
                 self.observe(TaskStatus.FAILED)
             self.finished_at = time.time()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -14,10 +13,12 @@ from typing import Any
 from yarl import URL
 
 from ._backend import LimiterBackend, LocalBackend
-from ._engine import Engine, EngineSettings, Secret, Target
+from ._engine import Engine, EngineSettings, OrphanedTask
+from ._follow import Follow
 from ._handle import TaskHandle
 from ._polling import PollSettings
 from ._ratelimit import Limiter
+from ._transport import Secret, Target
 from .download import DEFAULT_MAX_BYTES, download_result
 from .errors import ConfigurationError, InvalidRequestError
 from .models import TaskResult, TaskStatus
@@ -61,8 +62,7 @@ class ProviderClient:
         self._ready_target()
 
     def _ready_target(self) -> Target:
-        engine = self._session._engine
-        engine.http()  # raises ConfigurationError once the session is closed
+        self._session._engine.check_open()  # SessionClosedError once the session is closed
         if self._target.key is None:
             raise ConfigurationError(
                 f"no API key for {self.name}: pass api_keys={{'{self.name}': ...}} "
@@ -99,10 +99,8 @@ class ProviderClient:
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
-        snapshot, retries = await self._session._engine.create(
-            target, model, request, before_send=before_create
-        )
-        return self._follow(snapshot, model, retries, timeout, webhook=webhook)
+        created = await self._session._engine.create(target, model, request, before_send=before_create)
+        return self._follow(created.snapshot, model, created.retries, timeout, webhook=webhook)
 
     async def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
         if not webhook:
@@ -134,7 +132,6 @@ class ProviderClient:
         webhook_url = await self._callback_url(webhook, webhook_url)
         sync = target.codec.has_sync_mode and webhook_url is None
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=sync)
-        started = time.monotonic()
         read_timeout = None
         if sync:
             read_timeout = (
@@ -142,9 +139,13 @@ class ProviderClient:
                 if timeout is None
                 else min(timeout, engine.settings.sync_timeout)
             )
-        snapshot, retries = await engine.create(target, model, request, read_timeout=read_timeout)
-        took = time.monotonic() - started  # exact when sync mode answered with the result
-        handle = self._follow(snapshot, model, retries, timeout, webhook=webhook, took=(took, took))
+        created = await engine.create(target, model, request, read_timeout=read_timeout)
+        # Timed from when the request went out (pool and limiter waits are not job time):
+        # exact when sync mode answered with the result.
+        took = asyncio.get_running_loop().time() - created.sent_at
+        handle = self._follow(
+            created.snapshot, model, created.retries, timeout, webhook=webhook, took=(took, took)
+        )
         try:
             return await handle
         except asyncio.CancelledError:
@@ -176,7 +177,7 @@ class ProviderClient:
         learn: bool = True,
     ) -> TaskHandle:
         target = self._target
-        engine = self._session._engine
+        follow = self._session._follow
         handle = TaskHandle(
             task_id=snapshot.task_id,
             provider=target.name,
@@ -186,9 +187,9 @@ class ProviderClient:
             retries=retries,
         )
         if snapshot.result is not None:
-            engine.finish(target, handle, snapshot.result, took)
+            follow.finish(target, handle, snapshot.result, took)
         else:
-            engine.start(target, handle, snapshot, timeout, webhook=webhook, learn=learn)
+            follow.start(target, handle, snapshot, timeout, webhook=webhook, learn=learn)
             if webhook:
                 self._session.webhooks.expect(target, handle)
         return handle
@@ -282,6 +283,7 @@ class AsyncSession:
                 polling=polling or PollSettings(),
             )
         )
+        self._follow = Follow(self._engine)
         environ = os.environ if env is None else env
         self._backend = limiter_backend or LocalBackend()
         limiters: dict[tuple[str, str], Limiter] = {}
@@ -313,7 +315,7 @@ class AsyncSession:
         if unknown:
             raise ConfigurationError(f"webhook_secrets: unknown client {unknown[0]!r}")
         self.webhooks = WebhookReceiver(
-            self._engine,
+            self._follow,
             {name: client._target for name, client in self._clients.items()},
             secrets_by_client=secrets,
             relay=self._backend.webhook_relay(),
@@ -324,7 +326,7 @@ class AsyncSession:
         return f"<AsyncSession {state} clients={sorted(self._clients)}>"
 
     async def __aenter__(self) -> AsyncSession:
-        self._engine.http()
+        self._engine.check_open()
         return self
 
     async def __aexit__(
@@ -347,6 +349,7 @@ class AsyncSession:
         finish at the provider and can be picked up with ``client.resume()``.
         """
         await self.webhooks.close()
+        await self._follow.close()
         await self._engine.close()
         await self._backend.close()
 
@@ -364,6 +367,20 @@ class AsyncSession:
         Raises ``DownloadError`` (or ``TransportError`` after the retries).
         """
         return await download_result(self._engine, result, Path(directory), max_bytes=max_bytes)
+
+    @property
+    def orphans(self) -> tuple[OrphanedTask, ...]:
+        """Creates that went out while their ``submit()`` was cancelled (the last 1000), oldest first.
+
+        The provider may run and bill each one; ``session.client(o.provider).resume(o.task_id,
+        o.model)`` follows it. A WARNING naming it is logged as its answer comes back.
+        """
+        return tuple(self._engine.orphans)
+
+    @property
+    def orphaned(self) -> int:
+        """How many creates went out while their ``submit()`` was cancelled, in this session."""
+        return self._engine.orphaned
 
     def client(self, name: str) -> ProviderClient:
         """The client called ``name``; ``ConfigurationError`` for an unknown name."""

@@ -23,14 +23,17 @@ import aiohttp
 import attrs
 from yarl import URL
 
-from ._engine import Engine, retry_after_seconds
-from .errors import DownloadError, TransportError
+from ._classify import Failure, Verdict, classify_download
+from ._engine import Engine, EngineSettings
+from ._retry import Retry, RetryBudget, retrying
+from ._transport import AnswerTooLarge as TooLarge
+from ._transport import describe, read_capped, retry_after_seconds
+from .errors import DownloadError, ImageGenError, InvalidRequestError, TransportError
 from .models import TaskResult
 
 log = logging.getLogger("image_gen_async")
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-CHUNK = 256 * 1024
 # Retries of a transient download failure when the session bounds no poll retries.
 DOWNLOAD_RETRIES = 4
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
@@ -38,14 +41,6 @@ OTHER_EXTENSION = ".bin"
 # Long ids are cut so that a file name stays well under the usual 255-byte limit.
 MAX_STEM = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-class RetryableStatus(DownloadError):
-    """A status worth retrying (408, 429, 5xx); ``retry_after`` feeds the engine's backoff."""
-
-    def __init__(self, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 def safe_task_id(task_id: str) -> str:
@@ -118,10 +113,11 @@ async def download_result(
     """Save every output of ``result`` in ``directory``; the paths, in output order.
 
     An output already saved under its final name is not fetched again, so a resumed
-    batch never duplicates a file. Transient failures are retried with the engine's backoff.
+    batch never duplicates a file. Transient failures are retried within the session's
+    poll budget (``poll_retries``, or ``DOWNLOAD_RETRIES`` when that is unbounded).
     """
-    if max_bytes < 1:
-        raise ValueError("max_bytes must be positive")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise InvalidRequestError(f"max_bytes must be a positive whole number of bytes, got {max_bytes!r}")
     paths: list[Path] = []
     for item in _plan(result, directory):
         path = item.saved
@@ -131,52 +127,76 @@ async def download_result(
     return paths
 
 
+def download_budget(settings: EngineSettings) -> RetryBudget:
+    """The poll budget's count (``poll_retries=0`` means no retries here either), else DOWNLOAD_RETRIES."""
+    retries = DOWNLOAD_RETRIES if settings.poll_retries is None else settings.poll_retries
+    return RetryBudget(retries + 1, settings.retry_base, settings.retry_cap)
+
+
 async def _fetch_with_retries(
     engine: Engine, url: str, directory: Path, stem: str, max_bytes: int, where: str
 ) -> Path:
-    def on_retry(tries: int, wait: float, error: BaseException) -> None:
-        log.warning("download of %s retry %d in %.2f s: %s", where, tries, wait, str(error) or error)
+    def on_retry(tries: int, wait: float, error: ImageGenError) -> None:
+        log.warning("download of %s retry %d in %.2f s: %s", where, tries, wait, describe(error))
 
-    try:
-        return await engine.retrying(
-            lambda: _fetch(engine.http(), url, directory, stem, max_bytes, where),
-            retryable=(aiohttp.ClientError, TimeoutError, RetryableStatus),
-            # A bad URL or redirect will not get better by asking again.
-            giveup=lambda error: isinstance(error, aiohttp.InvalidURL | aiohttp.ClientSSLError),
-            tries=(engine.settings.poll_retries or DOWNLOAD_RETRIES) + 1,
-            on_retry=on_retry,
-        )
-    except (aiohttp.ClientError, TimeoutError) as error:
-        raise TransportError(f"download of {where} failed: {str(error) or type(error).__name__}") from error
-    except OSError as error:
-        # The disk, not the network: full, read-only, no permission. This job fails; others go on.
-        raise DownloadError(f"{where}: cannot save to {directory}: {error.strerror or error}") from None
+    async def attempt() -> Path:
+        try:
+            return await _fetch(engine, url, directory, stem, max_bytes, where)
+        except _Refused as refused:
+            if classify_download(http_status=refused.status) is Verdict.RETRY:
+                raise Retry(refused, refused.retry_after) from None
+            raise DownloadError(str(refused)) from None
+        except TooLarge as error:
+            raise DownloadError(str(error)) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            failure = _failure_of(error)
+            text = f"download of {where} failed: {describe(error)}"
+            if classify_download(http_status=None, failure=failure) is Verdict.RETRY:
+                raise Retry(TransportError(text)) from None
+            if failure is Failure.BAD_URL:
+                raise DownloadError(text) from None
+            raise TransportError(text, transient=False) from None
+        except OSError as error:
+            # The disk, not the network: full, read-only, no permission. This job fails; others go on.
+            raise DownloadError(f"{where}: cannot save to {directory}: {error.strerror or error}") from None
+
+    return await retrying(attempt, download_budget(engine.settings), on_retry=on_retry)
 
 
-async def _fetch(
-    http: aiohttp.ClientSession, url: str, directory: Path, stem: str, max_bytes: int, where: str
-) -> Path:
-    """One GET streamed into a ``*.part`` file, then renamed into place."""
+def _failure_of(error: BaseException) -> Failure | None:
+    if isinstance(error, aiohttp.ClientSSLError):
+        return Failure.TLS
+    if isinstance(error, aiohttp.InvalidURL | aiohttp.TooManyRedirects):
+        return Failure.BAD_URL
+    return None
+
+
+class _Refused(DownloadError):
+    """A status other than 200, and the server's ``Retry-After`` with it."""
+
+    def __init__(self, message: str, status: int, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+async def _fetch(engine: Engine, url: str, directory: Path, stem: str, max_bytes: int, where: str) -> Path:
+    """One GET streamed into a ``*.part`` file, then renamed into place; bounded in bytes and time."""
+    transport = engine.transport
     # No Authorization header: the session adds none of its own, and none is passed here.
-    async with http.get(url, headers={"Accept": "image/*, */*;q=0.5"}) as response:
+    async with transport.get(
+        url, limit=engine.settings.download_timeout, accept="image/*, */*;q=0.5"
+    ) as response:
         status = response.status
         if status != 200:
-            message = f"{where}: HTTP {status}"
-            if status in (408, 429) or status >= 500:
-                raise RetryableStatus(message, retry_after_seconds(response.headers))
-            raise DownloadError(message)
-        length = response.content_length
-        if length is not None and length > max_bytes:
-            raise DownloadError(f"{where}: {length} bytes is over the {max_bytes}-byte cap")
+            raise _Refused(f"{where}: HTTP {status}", status, retry_after_seconds(response.headers))
         final = directory / f"{stem}{extension_for(response.content_type)}"
         part = directory / f"{final.name}.{secrets.token_hex(4)}.part"
         file = _open_part(part)
+        size = 0
         try:
-            size = 0
-            async for chunk in response.content.iter_chunked(CHUNK):
+            async for chunk in read_capped(response, max_bytes, where):
                 size += len(chunk)
-                if size > max_bytes:
-                    raise DownloadError(f"{where}: body over the {max_bytes}-byte cap")
                 file.write(chunk)
         except BaseException:
             _discard(file, part)

@@ -34,8 +34,9 @@ import attrs
 from aiohttp import web
 
 from ._backend import WebhookRelay
-from ._engine import Engine, Target
+from ._follow import Follow
 from ._handle import TaskHandle
+from ._transport import Target
 from .errors import BackendUnavailableError, ConfigurationError, ImageGenError
 
 log = logging.getLogger("image_gen_async")
@@ -87,7 +88,7 @@ class WebhookReceiver:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Follow,
         targets: Mapping[str, Target],
         *,
         secrets_by_client: Mapping[str, str] | None = None,

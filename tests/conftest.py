@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from image_gen_async import AsyncSession, PollSettings
 from image_gen_async.providers import EXAMPLE_MODELS
@@ -53,3 +54,46 @@ async def make_session(emulator: Emulator) -> AsyncIterator[SessionFactory]:
 @pytest.fixture
 async def session(make_session: SessionFactory) -> AsyncSession:
     return make_session()
+
+
+# A small server of our own for answers the emulator never gives: wrong shapes.
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def odd_server() -> AsyncIterator[Callable[[dict[str, Handler]], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def serve(routes: dict[str, Handler]) -> str:
+        app = web.Application()
+        for route, handler in routes.items():
+            method, path = route.split(" ", 1)
+            app.router.add_route(method, path, _as_coroutine_function(handler))
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+def _as_coroutine_function(handler: Handler) -> Handler:
+    """aiohttp wants ``async def`` handlers; a callable object is wrapped in one."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await handler(request)
+
+    return handle
+
+
+def json_answer(body: Any, status: int = 200) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    return handler

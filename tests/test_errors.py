@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from image_gen_async import (
 )
 from image_gen_async.testing import Emulator, Faults
 
-from .conftest import CLIENTS, FAST_POLLING, KEYS, MODELS, SessionFactory
+from .conftest import CLIENTS, FAST_POLLING, KEYS, MODELS, SessionFactory, json_answer
 
 
 @pytest.mark.parametrize("name", CLIENTS)
@@ -240,40 +239,6 @@ def test_bad_configuration_is_refused() -> None:
         AsyncSession(rate_limits={"dh3": 0})
     with pytest.raises(ConfigurationError, match="unknown client"):
         AsyncSession().client("midjourney")
-
-
-# A small server of our own for answers the emulator never gives: wrong shapes.
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture
-async def odd_server() -> AsyncIterator[Callable[[dict[str, Handler]], Awaitable[str]]]:
-    runners: list[web.AppRunner] = []
-
-    async def serve(routes: dict[str, Handler]) -> str:
-        app = web.Application()
-        for route, handler in routes.items():
-            method, path = route.split(" ", 1)
-            app.router.add_route(method, path, handler)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
-
-
-def json_answer(body: Any, status: int = 200) -> Handler:
-    async def handler(request: web.Request) -> web.Response:
-        return web.json_response(body, status=status)
-
-    return handler
 
 
 async def test_protocol_error_names_the_field(make_session: SessionFactory, odd_server: Any) -> None:

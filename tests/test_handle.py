@@ -122,7 +122,7 @@ async def test_resume_polls_without_creating(make_session: SessionFactory, emula
     assert result.task_id == handle.task_id
     assert emulator.stats.creates["dh3"] == 1
     # Its ages counted from the resume, not from its start: the planner learns nothing from it.
-    assert not second._engine.planner.warm(("dh3", "nano-banana-pro"))
+    assert not second._follow.planner.warm(("dh3", "nano-banana-pro"))
 
 
 async def test_an_async_before_create_is_awaited_before_the_create_is_sent(
@@ -167,14 +167,13 @@ async def test_a_poll_cancelled_from_outside_ends_its_handle(
 ) -> None:
     handle = await session.dh3.submit("nano-banana-pro", prompt="a cat")
     emulator.config.faults.slow, emulator.config.faults.slow_seconds = 1.0, 1.0  # polls stay on the wire
-    follower = handle._poller
-    assert follower is not None
+    follower = next(follower for follower in session._follow.followers if follower.handle is handle)
     await wait_for(lambda: follower.polling is not None)
     assert follower.polling is not None
     follower.polling.cancel()  # e.g. an application cancelling every task at shutdown
     with pytest.raises(ConfigurationError, match="resume"):
         await handle
-    assert follower not in session._engine.followers
+    assert follower not in session._follow.followers
 
 
 @pytest.mark.skipif(not hasattr(asyncio, "eager_task_factory"), reason="eager tasks are Python 3.12+")

@@ -7,7 +7,6 @@ A codec builds ``HttpRequest`` values and reads decoded JSON back into
 from __future__ import annotations
 
 import abc
-import logging
 import math
 import re
 from collections.abc import Mapping
@@ -38,6 +37,8 @@ class Snapshot:
     result: TaskResult | None = None
     estimated_duration: float | None = None
     poll_url: str | None = None
+    # A status word no table knows, taken as still running (the follower warns once per job).
+    unknown_status: str | None = None
 
 
 @attrs.frozen
@@ -70,7 +71,6 @@ _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|\bqps\b|too many requests|too frequ
 _CONTENT_POLICY_WORDS = re.compile(
     r"safety|nsfw|content.?(polic|filter)|moderation|inappropriate|sensitive|blocked", re.IGNORECASE
 )
-log = logging.getLogger("image_gen_async")
 
 
 def looks_like_content_policy(message: str | None) -> bool:
@@ -183,16 +183,19 @@ class Codec(abc.ABC):
     def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
         """The error an answer carries, or None; JSON-level failures count under HTTP 200."""
 
-    def task_id_of(self, body: Any) -> str | None:
-        """Best-effort task id in an answer or callback: top level, ``data`` or a ``*_output``."""
-        if isinstance(body, Mapping):
+    def task_id_of(self, body: Any, depth: int = 3) -> str | None:
+        """Best-effort task id in an answer or callback: top level, ``data`` or a ``*_output``.
+
+        Looks ``depth`` levels down at most: a hostile answer can nest ``data`` a thousand deep.
+        """
+        if isinstance(body, Mapping) and depth > 0:
             for key in ("id", "task_id", "generationId"):
                 value = body.get(key)
                 if isinstance(value, str) and value:
                     return value
             for key, value in body.items():
                 if (key == "data" or str(key).endswith("_output")) and isinstance(value, Mapping):
-                    found = self.task_id_of(value)
+                    found = self.task_id_of(value, depth - 1)
                     if found:
                         return found
         return None
@@ -207,25 +210,17 @@ class Codec(abc.ABC):
 
     # Shared helpers for the concrete codecs.
 
-    def status_of(self, word: str, field: str) -> TaskStatus:
-        """Map a provider status word.
-
-        An unknown word (a new stage such as "uploading") is taken as still running, with a
-        warning: failing a paid task over a word would be worse than one more poll.
-        """
+    def status_of(self, word: str) -> TaskStatus | None:
+        """A provider status word's ``TaskStatus``; None for a word no table knows."""
         key = word.strip().lower()
-        status = self.status_words.get(key) or COMMON_STATUS_WORDS.get(key)
-        if status is None:
-            log.warning("%s: unknown status %r @ %s, taken as processing", self.name, word, field)
-            return TaskStatus.PROCESSING
-        return status
+        return self.status_words.get(key) or COMMON_STATUS_WORDS.get(key)
 
     def snapshot(
         self,
         *,
         task_id: str,
         model: str,
-        status: TaskStatus,
+        status: TaskStatus | str,
         raw: Any,
         outputs: tuple[Output, ...] = (),
         error: str | None = None,
@@ -233,7 +228,18 @@ class Codec(abc.ABC):
         estimated_duration: float | None = None,
         poll_url: str | None = None,
     ) -> Snapshot:
-        """A snapshot, with its ``TaskResult`` filled in once the status is terminal."""
+        """A snapshot, with its ``TaskResult`` filled in once the status is terminal.
+
+        ``status`` may be the provider's word: an unknown one (a new stage such as
+        "uploading") is taken as still running, since failing a paid task over a word would be
+        worse than one more poll, and is kept in ``unknown_status`` for a warning.
+        """
+        unknown = None
+        if isinstance(status, str):
+            mapped = self.status_of(status)
+            if mapped is None:
+                unknown, mapped = status, TaskStatus.PROCESSING
+            status = mapped
         result = None
         if status.terminal:
             if status is TaskStatus.FAILED and not error:
@@ -248,7 +254,7 @@ class Codec(abc.ABC):
                 timings=timings,
                 raw=raw,
             )
-        return Snapshot(task_id, status, result, estimated_duration, poll_url)
+        return Snapshot(task_id, status, result, estimated_duration, poll_url, unknown)
 
 
 def require_prompt(provider: str, prompt: object) -> str:

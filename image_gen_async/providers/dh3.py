@@ -156,7 +156,7 @@ class Dh3Codec(Codec):
         return self.snapshot(
             task_id=output.task_id or task_id,
             model=model,
-            status=self.status_of(output.status, f"$.{key}.status"),
+            status=output.status,
             raw=body,
             outputs=images,
             error=_text(output.err_msg),

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import attrs
 
-from ..errors import InvalidRequestError, ProtocolError
+from ..errors import InvalidRequestError
 from ..models import TaskResult, TaskStatus, structure
 from ._base import (
     Codec,
@@ -118,11 +118,10 @@ class _Get3WCodec(Codec):
 
     def task_snapshot(self, task: Get3WTask, model: str, raw: Any, fields: Mapping[str, Any]) -> Snapshot:
         """``fields`` is the task object as sent, for the best-effort informational fields."""
-        where = "$.data.status" if isinstance(task, V3Prediction) else "$.status"
         return self.snapshot(
             task_id=task.id,
             model=task.model or model,
-            status=self.status_of(task.status, where),
+            status=task.status,
             raw=raw,
             outputs=urls_as_outputs(task.outputs),
             error=error_text(task.error),
@@ -218,13 +217,7 @@ class Get3WV3Codec(_Get3WCodec):
         return HttpRequest("GET", f"/api/v3/predictions/{quote(task_id, safe='')}")
 
     def read_poll(self, task_id: str, model: str, body: Any) -> Snapshot:
-        snapshot = self.read_submit(model, body)
-        if snapshot.task_id != task_id:
-            raise ProtocolError(
-                f"{self.name}: asked for {task_id!r}, answer is for {snapshot.task_id!r} @ $.data.id",
-                field="$.data.id",
-            )
-        return snapshot
+        return self.read_submit(model, body)
 
     def read_callback(self, task_id: str, model: str, body: Any) -> Snapshot:
         """v3 posts the bare prediction; an enveloped one is accepted too."""

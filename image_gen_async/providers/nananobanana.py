@@ -129,7 +129,7 @@ class NananobananaCodec(Codec):
         return self.snapshot(
             task_id=record.id,
             model=record.modelUsed or model,
-            status=self.status_of(record.processingStatus, "$.data.processingStatus"),
+            status=record.processingStatus,
             raw=body,
             outputs=urls_as_outputs(record.outputImageUrls),
             error=record.errorMessage,

@@ -1,0 +1,368 @@
+"""Accepted task → resolved handle: the poll loop, the webhook wait, and finishing.
+
+``Follow`` is the one owner of every accepted task of a session until its handle is done.
+Each task has a ``Follower`` driven by event-loop timers: a sleeping job holds a timer, not
+a task (with 100,000 jobs in flight most are asleep, and a coroutine each would be a task,
+a frame, a sleep future and a context for the garbage collector to walk). A task exists
+only while a poll is on the wire.
+
+The schedule is the planner's, planned again on every timer, since other jobs may have
+shown that this one cannot be done yet. Deadlines are kept to the poll: every exchange
+and every retry wait ends by the handle's deadline, and a job is always polled at least
+once before it (a plan that lands past it is pulled in to a last look).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+
+import attrs
+
+from ._engine import Engine
+from ._handle import TaskHandle
+from ._polling import PollPlanner, webhook_wait
+from ._transport import Target, describe
+from .errors import ContentPolicyError, ImageGenError, SessionClosedError, TaskFailedError, TaskTimeoutError
+from .models import TaskResult, TaskStatus
+from .providers import HttpRequest, Snapshot
+
+log = logging.getLogger("image_gen_async")
+
+# A timer may fire this much before its time (the loop's clock resolution): close enough.
+SLACK = 0.001
+# The last look before a deadline comes this share of the job's time (at most LAST_LOOK_MAX s) early.
+LAST_LOOK_SHARE = 0.1
+LAST_LOOK_MAX = 1.0
+
+
+class Follow:
+    """Every accepted task of a session until its handle is done: polled, or waited for by webhook."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.settings = engine.settings
+        self.planner = PollPlanner(engine.settings.polling.history)
+        self.followers: set[Follower] = set()
+
+    def start(
+        self,
+        target: Target,
+        handle: TaskHandle,
+        snapshot: Snapshot,
+        timeout: float | None,
+        *,
+        webhook: bool = False,
+        learn: bool = True,
+    ) -> None:
+        """Follow an accepted task to its end in the background (after a webhook wait, if any).
+
+        ``learn=False`` (a resumed task, whose ages do not count from its start) keeps its
+        polls out of the planner's history. Never raises: the task exists, so whatever goes
+        wrong ends on its handle, which carries the task id for ``client.resume()``.
+        """
+        if self.engine.closed:
+            handle.fail(
+                SessionClosedError(
+                    f"the session closed as {target.name} accepted task {handle.task_id}; "
+                    "it may still finish: client.resume() picks it up"
+                )
+            )
+            return
+        try:
+            follower = Follower(self, target, handle, snapshot, timeout, learn=learn)
+            handle._on_cancel = follower.cancel
+            self.followers.add(follower)
+            follower.begin(webhook=webhook)
+        except Exception as error:
+            handle.fail(error)
+
+    async def close(self) -> None:
+        """Stop every follower; their handles end with ``SessionClosedError`` (the tasks may still finish)."""
+        followers = list(self.followers)
+        polls = [follower.polling for follower in followers if follower.polling is not None]
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+        for follower in followers:
+            handle = follower.handle
+            handle.fail(
+                SessionClosedError(
+                    f"session closed while waiting for {handle.provider} task {handle.task_id}; "
+                    "it may still finish: client.resume() picks it up"
+                )
+            )
+
+    def poll_request(self, target: Target, handle: TaskHandle, poll_url: str | None) -> HttpRequest:
+        """The codec's status call, or the server's own poll URL when it is on our origin."""
+        if poll_url:
+            path = target.same_origin_path(poll_url)
+            if path is not None:
+                return HttpRequest("GET", path)
+            log.warning(
+                "%s task %s: ignoring a poll URL on another origin (or not http); polling %s instead",
+                target.name,
+                handle.task_id,
+                target.origin,
+            )
+        return target.codec.poll_request(handle.task_id, handle.model)
+
+    def settle_from_callback(self, target: Target, handle: TaskHandle, snapshot: Snapshot) -> bool:
+        """Apply a webhook's news to a handle; True when it ended the task (the poller stops)."""
+        handle.observe(snapshot.status)
+        if snapshot.result is None:
+            return False
+        on_cancel, handle._on_cancel = handle._on_cancel, None
+        if on_cancel is not None:
+            on_cancel()  # the follower stops: the callback said it all
+        took = time.time() - handle.submitted_at
+        self.finish(target, handle, snapshot.result, (took, took))
+        return True
+
+    def finish(
+        self,
+        target: Target,
+        handle: TaskHandle,
+        result: TaskResult,
+        took: tuple[float, float] | None,
+    ) -> None:
+        """Resolve a handle from a terminal result.
+
+        ``took`` brackets a completed job's duration for the planner: the last age it was seen
+        running (0 if never) and the age it was seen done; equal when known exactly.
+        """
+        if result.status is TaskStatus.COMPLETED:
+            if took is not None:
+                key = (target.name, handle.model)
+                self.planner.completed(key, handle, took[0], took[1], handle.estimated_duration)
+            handle.resolve(result)
+        else:
+            handle.fail(failure_error(target, result))
+
+
+def failure_error(target: Target, result: TaskResult) -> TaskFailedError:
+    """The error for a failed task (``ContentPolicyError`` for a safety stop), the key masked."""
+    if result.error and target.secret and target.secret in result.error:
+        result = attrs.evolve(result, error=target.mask(result.error))
+    return ContentPolicyError(result) if target.codec.content_policy(result) else TaskFailedError(result)
+
+
+class Follower:
+    """Polls one accepted task until it ends, fails or passes its deadline; resolves its handle."""
+
+    __slots__ = (
+        "_context",
+        "_follow",
+        "_handle",
+        "_key",
+        "_last_look",
+        "_last_poll",
+        "_last_running",
+        "_learn",
+        "_loop",
+        "_request",
+        "_target",
+        "_task",
+        "_timer",
+        "_url",
+        "_warned",
+        "accepted",
+        "deadline",
+    )
+
+    def __init__(
+        self,
+        follow: Follow,
+        target: Target,
+        handle: TaskHandle,
+        snapshot: Snapshot,
+        timeout: float | None,
+        *,
+        learn: bool = True,
+    ) -> None:
+        self._follow = follow
+        # A resumed job's ages count from the resume, not from its start: they teach nothing.
+        self._learn = learn
+        self._target = target
+        self._handle = handle
+        self._loop = asyncio.get_running_loop()
+        # Ages count from now, when the create's answer came back.
+        self.accepted = self._loop.time()
+        span = follow.settings.task_timeout if timeout is None else timeout
+        self.deadline = self.accepted + span
+        self._last_look = self.deadline - min(LAST_LOOK_MAX, span * LAST_LOOK_SHARE)
+        self._key = (target.name, handle.model)
+        self._request = follow.poll_request(target, handle, snapshot.poll_url)
+        self._url = target.url(self._request.path)
+        self._last_poll: float | None = None
+        self._last_running = 0.0
+        self._warned = False
+        # Polls run in the submitter's context (log correlation ids and the like), copied once.
+        self._context = contextvars.copy_context()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def begin(self, *, webhook: bool = False) -> None:
+        """Start polling; with a webhook, only once the callback is clearly late."""
+        if webhook:
+            self._await_callback()
+        else:
+            self._plan()
+
+    @property
+    def handle(self) -> TaskHandle:
+        """The job's handle."""
+        return self._handle
+
+    @property
+    def polling(self) -> asyncio.Task[None] | None:
+        """The poll on the wire right now, if any."""
+        return self._task
+
+    def cancel(self) -> None:
+        """Stop: no further poll, and the one on the wire (if any) is cancelled."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._leave()
+
+    def _await_callback(self) -> None:
+        """Wait for the callback, re-planning the safety net as the model's durations become known.
+
+        The wait is re-read at ages that double from ``webhook_grace``: jobs whose callbacks
+        did come in teach the planner how long the model takes, and a lost callback is then
+        noticed by that, not by the wait fixed at submit time.
+        """
+        self._timer = None
+        follow, now = self._follow, self._loop.time()
+        upper = follow.planner.upper_bound(self._key, self._handle.estimated_duration)
+        due = min(self.accepted + webhook_wait(upper, follow.settings.polling), self._last_look)
+        if due <= now + SLACK:
+            log.info("%s task %s: no callback yet, polling", self._target.name, self._handle.task_id)
+            self._plan()
+            return
+        recheck = now + max(follow.settings.polling.webhook_grace, now - self.accepted)
+        self._timer = self._loop.call_at(min(due, recheck), self._await_callback, context=self._context)
+
+    def _plan(self) -> None:
+        """Arm the timer for the next poll, or send it now if it is due."""
+        self._timer = None
+        try:
+            now = self._loop.time()
+            if now >= self.deadline:
+                raise self._late(now)
+            follow = self._follow
+            settings = follow.settings.polling
+            age = follow.planner.next_poll_age(
+                self._key, self._handle.estimated_duration, self._last_poll, settings
+            )
+            due = self.accepted + age
+            if due >= self._last_look:
+                # Past the deadline's last look: poll then, once; after it, only the deadline.
+                looked = self._last_poll is not None and self.accepted + self._last_poll >= self._last_look
+                due = self.deadline if looked else max(now, self._last_look)
+            if due > now + SLACK:
+                self._timer = self._loop.call_at(due, self._plan, context=self._context)
+            else:
+                # The task copies the context entered now (ours): under an eager task factory
+                # it starts at once, and a context cannot be entered twice.
+                task = self._loop.create_task(self._poll())
+                self._task = None if task.done() else task
+        except Exception as error:  # every failure ends on the handle, never in a lost timer
+            self._end(error)
+
+    async def _poll(self) -> None:
+        follow, handle, target = self._follow, self._handle, self._target
+        try:
+            now = self._loop.time()
+            self._last_poll = last_poll = now - self.accepted
+            try:
+                snapshot = await follow.engine.poll(
+                    target,
+                    handle.task_id,
+                    handle.model,
+                    self._request,
+                    deadline=self.deadline,
+                    url=self._url,
+                    on_retry=self._on_retry,
+                    past_deadline=self._late_after,
+                )
+            except ImageGenError as error:
+                now = self._loop.time()
+                if now >= self.deadline and not isinstance(error, TaskTimeoutError):
+                    raise self._late(now) from None
+                raise
+            handle.polls += 1
+            handle.observe(snapshot.status)
+            if snapshot.unknown_status is not None and not self._warned:
+                self._warned = True
+                log.warning(
+                    "%s task %s: unknown status %r, taken as still running",
+                    target.name,
+                    handle.task_id,
+                    snapshot.unknown_status,
+                )
+            if snapshot.result is not None:
+                took = (self._last_running, last_poll) if self._learn else None
+                follow.finish(target, handle, snapshot.result, took)
+                self._end(None)
+                return
+            self._last_running = last_poll
+            if self._learn:
+                follow.planner.running(self._key, handle, last_poll, handle.estimated_duration)
+        except asyncio.CancelledError:
+            if self._task is not None:
+                # Cancelled from outside (not by cancel(), which lets go of the task first):
+                # nobody will poll this job any more, so its handle must say so.
+                self._end(
+                    SessionClosedError(
+                        f"polling of {target.name} task {handle.task_id} was cancelled; "
+                        "it may still finish: client.resume() picks it up"
+                    )
+                )
+            raise
+        except Exception as error:  # every failure ends on the handle, never in a lost task
+            self._end(error)
+            return
+        self._task = None
+        self._plan()
+
+    def _on_retry(self, tries: int, wait: float, error: ImageGenError) -> None:
+        handle = self._handle
+        handle.retries += 1
+        log.warning(
+            "%s poll of %s retry %d in %.2f s: %s",
+            self._target.name,
+            handle.task_id,
+            tries,
+            wait,
+            describe(error),
+        )
+
+    def _late(self, now: float, last_error: ImageGenError | None = None) -> TaskTimeoutError:
+        handle = self._handle
+        why = f"; last poll failed: {describe(last_error)}" if last_error is not None else ""
+        return TaskTimeoutError(
+            f"{self._target.name} task {handle.task_id} not finished after "
+            f"{now - self.accepted:.1f} s ({handle.polls} polls); it may still finish{why}",
+            task_id=handle.task_id,
+            provider=self._target.name,
+        )
+
+    def _late_after(self, error: ImageGenError) -> TaskTimeoutError:
+        return self._late(self._loop.time(), error)
+
+    def _end(self, error: Exception | None) -> None:
+        self._task = None
+        if error is not None:
+            self._handle.fail(error)
+        self._leave()
+
+    def _leave(self) -> None:
+        self._follow.planner.forget(self._key, self._handle)
+        self._follow.followers.discard(self)
