@@ -171,7 +171,7 @@ def origin_problem(value: object) -> str | None:
     if not isinstance(value, str):
         return f"must be a str, got {shown(value)}"
     if not value.strip():
-        return "is empty (leave the client out of base_urls for the public host)"
+        return "is empty (omit it for the provider's public host)"
     try:
         url = URL(value.strip())
         host = url.host
@@ -181,7 +181,7 @@ def origin_problem(value: object) -> str | None:
         got = f"scheme {url.scheme!r}" if url.scheme else "no scheme"
         return f"must be an http(s) URL like https://host, got {got}"
     if url.user is not None or url.password is not None:
-        return "must not carry credentials (user:password@): keys go in api_keys"
+        return "must not carry credentials (user:password@)"
     if not host:
         return "has no host"
     if url.query_string or url.fragment:
