@@ -23,7 +23,7 @@ from typing import cast
 from yarl import URL
 
 from ._polling import PollSettings
-from .errors import ConfigurationError, ImageGenError
+from .errors import ConfigurationError, ImageGenError, InvalidRequestError
 
 ErrorType = type[ImageGenError]
 
@@ -144,23 +144,46 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def api_key(label: str, value: object, *, empty_ok: bool) -> str | None:
-    """A key ready for the header, trimmed of pasted whitespace; None when ``empty_ok`` and empty.
-
-    ``label`` says where it came from (``api_keys['dh3']``, ``DH3_API_KEY``); the message
-    never repeats the key, not even for a key of the wrong type.
-    """
+def _trimmed_key(label: str, value: object) -> str:
     if not isinstance(value, str):
         raise ConfigurationError(f"{label} must be a str, got a {type(value).__name__}")
     key = value.strip()
-    if not key:
-        if empty_ok:
-            return None
-        raise ConfigurationError(f"{label} is empty: leave the client out to use its environment variable")
     problem = key_problem(key)
     if problem is not None:
         raise ConfigurationError(f"the API key in {label} {problem}")
     return key
+
+
+def api_key(label: str, value: object) -> str:
+    """A given key ready for the header, trimmed of pasted whitespace; an empty one is refused.
+
+    ``label`` says where it came from (``api_keys['dh3']``); the message never repeats the
+    key, not even for a key of the wrong type.
+    """
+    key = _trimmed_key(label, value)
+    if not key:
+        raise ConfigurationError(f"{label} is empty: leave the client out to use its environment variable")
+    return key
+
+
+def env_key(env_var: str, environ: Mapping[str, str]) -> str | None:
+    """The key in ``environ[env_var]``, trimmed; None when unset or blank (a shell's ``X=``)."""
+    return _trimmed_key(env_var, environ.get(env_var, "")) or None
+
+
+def resolve_key(
+    name: str, fallback: str | None, keys: Mapping[str, str], env_var: str, environ: Mapping[str, str]
+) -> str | None:
+    """A client's key: its own in ``keys`` (already checked), the one it borrows, else the environment's."""
+    for owner in (name, fallback):
+        if owner is not None and owner in keys:
+            return keys[owner]
+    return env_key(env_var, environ)
+
+
+def call_timeout(timeout: object) -> float | None:
+    """A call's ``timeout``: None (the session's ``task_timeout``) or finite seconds above 0."""
+    return optional_positive_number("timeout", timeout, error=InvalidRequestError)
 
 
 def origin_problem(value: object) -> str | None:
@@ -209,7 +232,10 @@ def mapping(label: str, value: object) -> dict[str, object]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{label} must be a mapping of client name to value, got {shown(value)}")
+        # Only the type: ``api_keys="sk-..."`` (a key where a mapping belongs) must not show the key.
+        raise ConfigurationError(
+            f"{label} must be a mapping of client name to value, got a {type(value).__name__}"
+        )
     return dict(value)
 
 

@@ -96,7 +96,8 @@ class ProviderClient:
         rate-limit turn (if it returns an awaitable, that is awaited before sending): a
         journal records there, durably, that the job may exist from now on.
         """
-        timeout = _call_timeout(timeout)
+        # Checked before the create is sent: a deadline that cannot work must not cost a task.
+        timeout = _config.call_timeout(timeout)
         target = self._ready_target()
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
@@ -131,7 +132,8 @@ class ProviderClient:
 
         Raises ``TaskFailedError`` (or ``ContentPolicyError``) when the task fails.
         """
-        timeout = _call_timeout(timeout)
+        # Checked before the create is sent: a deadline that cannot work must not cost a task.
+        timeout = _config.call_timeout(timeout)
         target = self._ready_target()
         engine = self._session._engine
         webhook_url = await self._callback_url(webhook, webhook_url)
@@ -165,7 +167,7 @@ class ProviderClient:
         """A handle for a task created earlier (e.g. by a process that died): polls, never creates."""
         if not isinstance(task_id, str) or not task_id.strip():
             raise InvalidRequestError(f"task_id must be a non-empty str, got {_config.shown(task_id)}")
-        timeout = _call_timeout(timeout)
+        timeout = _config.call_timeout(timeout)
         estimated_duration = _config.optional_positive_number(
             "estimated_duration", estimated_duration, error=InvalidRequestError
         )
@@ -203,20 +205,12 @@ class ProviderClient:
         return handle
 
 
-def _call_timeout(timeout: object) -> float | None:
-    """A call's ``timeout``: None (the session's ``task_timeout``) or finite seconds above 0.
-
-    Checked before the create is sent: a deadline that cannot work must not cost a task.
-    """
-    return _config.optional_positive_number("timeout", timeout, error=InvalidRequestError)
-
-
-def _clean_key(label: str, value: object, *, empty_ok: bool) -> str | None:
+def _clean_key(label: str, value: object) -> str:
     """Trim the whitespace a pasted key often carries; refuse one that cannot go in a header.
 
     ``label`` names where the key came from; no message ever repeats the key itself.
     """
-    return _config.api_key(label, value, empty_ok=empty_ok)
+    return _config.api_key(label, value)
 
 
 def _key_fingerprint(key: str) -> str:
@@ -226,16 +220,6 @@ def _key_fingerprint(key: str) -> str:
 def _origin(label: str, value: object) -> URL:
     """The origin (a path prefix allowed) of a client; never echoes credentials or a query."""
     return _config.origin(label, value)
-
-
-def _resolve_key(
-    name: str, fallback: str | None, api_keys: Mapping[str, str], environ: Mapping[str, str], env_var: str
-) -> str | None:
-    """The client's key: its own in ``api_keys``, the one it borrows, else its environment variable."""
-    for owner in (name, fallback):
-        if owner is not None and owner in api_keys:
-            return api_keys[owner]  # already checked and trimmed
-    return _clean_key(env_var, environ.get(env_var, ""), empty_ok=True)
 
 
 class AsyncSession:
@@ -286,10 +270,7 @@ class AsyncSession:
                 raise ConfigurationError(
                     f"{label}: unknown client {unknown[0]!r}; known: {', '.join(CODECS)}"
                 )
-        keys = {
-            name: str(_clean_key(f"api_keys[{name!r}]", value, empty_ok=False))
-            for name, value in given_keys.items()
-        }
+        keys = {name: _clean_key(f"api_keys[{name!r}]", value) for name, value in given_keys.items()}
         origins = {name: _origin(f"base_urls[{name!r}]", value) for name, value in given_urls.items()}
         rates = {
             name: _config.optional_positive_number(f"rate_limits[{name!r}]", value)
@@ -321,7 +302,7 @@ class AsyncSession:
         self._clients: dict[str, ProviderClient] = {}
         for name, codec in CODECS.items():
             fallback = FALLBACK_CLIENT.get(name)
-            key = _resolve_key(name, fallback, keys, environ, codec.env_var)
+            key = _config.resolve_key(name, fallback, keys, codec.env_var, environ)
             url = origins.get(name) or (fallback and origins.get(fallback)) or URL(codec.default_base_url)
             rate = rates.get(name, codec.default_rate_limit)
             # One limiter per client and key: every create this session makes with a key shares it.

@@ -140,7 +140,7 @@ def test_key_rule_never_quotes_the_key(value: str, problem: str) -> None:
     reason = _config.key_problem(value)
     assert reason is not None and problem in reason
     with pytest.raises(ConfigurationError) as caught:
-        _config.api_key("api_keys['dh3']", value, empty_ok=False)
+        _config.api_key("api_keys['dh3']", value)
     assert "api_keys['dh3']" in str(caught.value) and value not in str(caught.value)
 
 
@@ -259,6 +259,20 @@ def test_key_messages_never_repeat_the_key(key: str, problem: str) -> None:
             AsyncSession(**options)
         message = str(caught.value)
         assert source in message and SECRET not in message and "hunter2" not in message
+
+
+def test_a_key_passed_where_the_mapping_belongs_is_not_repeated() -> None:
+    with pytest.raises(ConfigurationError, match="api_keys must be a mapping") as caught:
+        AsyncSession(env={}, api_keys=SECRET)  # type: ignore[arg-type]
+    assert SECRET not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="webhook_secrets must be a mapping") as caught:
+        AsyncSession(env={}, webhook_secrets=SECRET)  # type: ignore[arg-type]
+    assert SECRET not in str(caught.value)
+
+
+def test_a_borrowed_key_is_checked_once_and_shared() -> None:
+    session = AsyncSession(env={"GET3W_API_KEY": "sk-env"}, api_keys={"get3w": " sk-given\n"})
+    assert session.get3w._target.secret == session.get3w_v3._target.secret == "sk-given"
 
 
 def test_environment_values_that_are_empty_mean_no_key() -> None:
