@@ -192,7 +192,7 @@ def origin_problem(value: object) -> str | None:
     The reason never repeats the URL: it may carry credentials or a token in its query.
     """
     if not isinstance(value, str):
-        return f"must be a str, got {shown(value)}"
+        return f"must be a str, got a {type(value).__name__}"  # bytes could hold credentials
     if not value.strip():
         return "is empty (omit it for the provider's public host)"
     try:

@@ -111,6 +111,7 @@ def test_whole_number_rule(value: object, minimum: int, ok: bool) -> None:
         ("https://api.example.test/#x", "fragment"),
         ("http://[::1", "not a URL"),
         (5, "must be a str"),
+        (b"https://u:hunter2@h.test", "must be a str, got a bytes"),
         (None, "must be a str"),
     ],
 )
