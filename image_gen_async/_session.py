@@ -12,6 +12,7 @@ from typing import Any
 
 from yarl import URL
 
+from . import _config
 from ._backend import LimiterBackend, LocalBackend
 from ._engine import Engine, EngineSettings, OrphanedTask
 from ._follow import Follow
@@ -95,6 +96,8 @@ class ProviderClient:
         rate-limit turn (if it returns an awaitable, that is awaited before sending): a
         journal records there, durably, that the job may exist from now on.
         """
+        # Checked before the create is sent: a deadline that cannot work must not cost a task.
+        timeout = _config.call_timeout(timeout)
         target = self._ready_target()
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
@@ -127,6 +130,8 @@ class ProviderClient:
 
         Raises ``TaskFailedError`` (or ``ContentPolicyError``) when the task fails.
         """
+        # Checked before the create is sent: a deadline that cannot work must not cost a task.
+        timeout = _config.call_timeout(timeout)
         target = self._ready_target()
         engine = self._session._engine
         webhook_url = await self._callback_url(webhook, webhook_url)
@@ -161,6 +166,12 @@ class ProviderClient:
         timeout: float | None = None,
     ) -> TaskHandle:
         """A handle for a task created earlier (e.g. by a process that died): polls, never creates."""
+        if not isinstance(task_id, str) or not task_id.strip():
+            raise InvalidRequestError(f"task_id must be a non-empty str, got {_config.shown(task_id)}")
+        timeout = _config.call_timeout(timeout)
+        estimated_duration = _config.optional_positive_number(
+            "estimated_duration", estimated_duration, error=InvalidRequestError
+        )
         self._ready_target()
         snapshot = Snapshot(task_id, TaskStatus.QUEUED, estimated_duration=estimated_duration)
         return self._follow(snapshot, model, 0, timeout, learn=False)
@@ -195,30 +206,21 @@ class ProviderClient:
         return handle
 
 
-def _clean_key(name: str, key: str | None) -> str | None:
-    """Trim the whitespace a pasted key often carries; refuse one that cannot go in a header."""
-    if not key:
-        return None
-    key = key.strip()
-    if not key.isprintable() or any(char.isspace() for char in key):
-        raise ConfigurationError(f"the API key for {name} contains spaces or control characters")
-    return key or None
+def _clean_key(label: str, value: object) -> str:
+    """Trim the whitespace a pasted key often carries; refuse one that cannot go in a header.
+
+    ``label`` names where the key came from; no message ever repeats the key itself.
+    """
+    return _config.api_key(label, value)
 
 
 def _key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _origin(name: str, value: str) -> URL:
-    try:
-        url = URL(value)
-    except (ValueError, TypeError) as error:
-        raise ConfigurationError(f"base_urls[{name!r}] is not a URL") from error
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigurationError(f"base_urls[{name!r}] must be an http(s) origin, got {value!r}")
-    if url.query_string or url.fragment:
-        raise ConfigurationError(f"base_urls[{name!r}] must not carry a query or fragment")
-    return url
+def _origin(label: str, value: object) -> URL:
+    """The origin (a path prefix allowed) of a client; never echoes credentials or a query."""
+    return _config.origin(label, value)
 
 
 class AsyncSession:
@@ -252,35 +254,47 @@ class AsyncSession:
         limiter_backend: LimiterBackend | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        api_keys, base_urls, rate_limits = (
-            dict(api_keys or {}),
-            dict(base_urls or {}),
-            dict(rate_limits or {}),
-        )
-        for label, mapping in (
-            ("api_keys", api_keys),
-            ("base_urls", base_urls),
-            ("rate_limits", rate_limits),
+        # Every value is checked here, before a limiter or connection exists: a bad one is a
+        # ConfigurationError naming it, never a paid create that fails afterwards.
+        given_keys = _config.mapping("api_keys", api_keys)
+        given_urls = _config.mapping("base_urls", base_urls)
+        given_rates = _config.mapping("rate_limits", rate_limits)
+        given_secrets = _config.mapping("webhook_secrets", webhook_secrets)
+        for label, given in (
+            ("api_keys", given_keys),
+            ("base_urls", given_urls),
+            ("rate_limits", given_rates),
+            ("webhook_secrets", given_secrets),
         ):
-            unknown = sorted(set(mapping) - set(CODECS))
+            unknown = sorted(set(given) - set(CODECS), key=str)
             if unknown:
                 raise ConfigurationError(
                     f"{label}: unknown client {unknown[0]!r}; known: {', '.join(CODECS)}"
                 )
-        if pool_size < 1:
-            raise ConfigurationError("pool_size must be at least 1")
+        keys = {name: _clean_key(f"api_keys[{name!r}]", value) for name, value in given_keys.items()}
+        origins = {name: _origin(f"base_urls[{name!r}]", value) for name, value in given_urls.items()}
+        rates = {
+            name: _config.optional_positive_number(f"rate_limits[{name!r}]", value)
+            for name, value in given_rates.items()
+        }
+        secrets = {
+            name: _config.secret_text(f"webhook_secrets[{name!r}]", value)
+            for name, value in given_secrets.items()
+        }
+        retry_base, retry_cap = _config.retry_bounds(retry_base, retry_cap)
+        rate_limit_margin = _config.number_in("rate_limit_margin", rate_limit_margin, 0.0, 1.0)
         self._engine = Engine(
             EngineSettings(
-                pool_size=pool_size,
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                sync_timeout=sync_timeout,
-                task_timeout=task_timeout,
-                create_retries=create_retries,
-                poll_retries=poll_retries,
+                pool_size=_config.whole_number("pool_size", pool_size, 1),
+                connect_timeout=_config.positive_number("connect_timeout", connect_timeout),
+                read_timeout=_config.positive_number("read_timeout", read_timeout),
+                sync_timeout=_config.positive_number("sync_timeout", sync_timeout),
+                task_timeout=_config.positive_number("task_timeout", task_timeout),
+                create_retries=_config.whole_number("create_retries", create_retries, 0),
+                poll_retries=_config.optional_whole_number("poll_retries", poll_retries, 0),
                 retry_base=retry_base,
                 retry_cap=retry_cap,
-                polling=polling or PollSettings(),
+                polling=_config.poll_settings(polling),
             )
         )
         self._follow = Follow(self._engine)
@@ -290,30 +304,19 @@ class AsyncSession:
         self._clients: dict[str, ProviderClient] = {}
         for name, codec in CODECS.items():
             fallback = FALLBACK_CLIENT.get(name)
-            key = _clean_key(
-                name,
-                api_keys.get(name) or (fallback and api_keys.get(fallback)) or environ.get(codec.env_var),
-            )
-            origin = base_urls.get(name) or (fallback and base_urls.get(fallback)) or codec.default_base_url
-            rate = rate_limits.get(name, codec.default_rate_limit)
-            if rate is not None and rate <= 0:
-                raise ConfigurationError(f"rate_limits[{name!r}] must be positive or None")
+            key = _config.resolve_key(name, fallback, keys, codec.env_var, environ)
+            url = origins.get(name) or (fallback and origins.get(fallback)) or URL(codec.default_base_url)
+            rate = rates.get(name, codec.default_rate_limit)
             # One limiter per client and key: every create this session makes with a key shares it.
             limiter_key = (name, _key_fingerprint(key) if key else "")
             if limiter_key not in limiters:
                 limiters[limiter_key] = self._backend.limiter(
                     *limiter_key, rate, rate_limit_margin, max_pause=retry_cap
                 )
-            target = Target(
-                name, codec, _origin(name, origin), Secret(key) if key else None, limiters[limiter_key]
-            )
+            target = Target(name, codec, url, Secret(key) if key else None, limiters[limiter_key])
             self._clients[name] = ProviderClient(self, target)
-        secrets = dict(webhook_secrets or {})
-        if "get3w_v3" not in secrets and environ.get(WEBHOOK_SECRET_ENV):
-            secrets["get3w_v3"] = environ[WEBHOOK_SECRET_ENV]
-        unknown = sorted(set(secrets) - set(CODECS))
-        if unknown:
-            raise ConfigurationError(f"webhook_secrets: unknown client {unknown[0]!r}")
+        if "get3w_v3" not in secrets and environ.get(WEBHOOK_SECRET_ENV, "").strip():
+            secrets["get3w_v3"] = _config.secret_text(WEBHOOK_SECRET_ENV, environ[WEBHOOK_SECRET_ENV])
         self.webhooks = WebhookReceiver(
             self._follow,
             {name: client._target for name, client in self._clients.items()},
@@ -366,6 +369,7 @@ class AsyncSession:
         at most ``max_bytes`` each, no credentials sent, files already there kept.
         Raises ``DownloadError`` (or ``TransportError`` after the retries).
         """
+        max_bytes = _config.whole_number("max_bytes", max_bytes, 1, error=InvalidRequestError)
         return await download_result(self._engine, result, Path(directory), max_bytes=max_bytes)
 
     @property

@@ -13,17 +13,19 @@ import logging
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
 
-from . import AsyncSession, ImageGenError, InvalidRequestError, PollSettings, __version__
+from . import AsyncSession, ImageGenError, InvalidRequestError, PollSettings, __version__, _config
 from ._progress import SUMMARY_COLUMNS, BatchDisplay, make_console, print_table, summary_row
 from .batch import DEFAULT_CONCURRENCY, RESERVED_KEYS, RESULTS_NAME, count_jobs, read_jsonl, run_batch
 from .download import DEFAULT_MAX_BYTES
 from .errors import ConfigurationError
 from .providers import CODECS
+
+T = TypeVar("T")
 
 EXIT_OK = 0  # every job done
 EXIT_FAILED = 1  # some job failed, is uncertain, or was left unfinished
@@ -57,18 +59,31 @@ def param(text: str) -> tuple[str, Any]:
 
 
 def positive_int(text: str) -> int:
-    """An integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    """An integer of at least 1 (argparse type: its error names the flag, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
+    return _checked(value, _config.whole_problem(value, 1))
 
 
 def positive_float(text: str) -> float:
-    """A number above 0."""
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    """A finite number above 0: ``nan``, ``inf`` and ``0`` are refused like ``-1``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}") from None
+    return _checked(value, _config.number_problem(value))
+
+
+def base_url(text: str) -> str:
+    """An http(s) origin (a path prefix allowed); the message never repeats credentials."""
+    return _checked(text, _config.origin_problem(text))
+
+
+def _checked(value: T, problem: str | None) -> T:
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -78,7 +93,9 @@ def _provider_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("provider")
     group.add_argument("--provider", required=True, choices=list(CODECS), help="the API to use")
     group.add_argument("--model", required=True, help="the provider's model id, e.g. nano-banana-pro")
-    group.add_argument("--base-url", help="origin of the API (default: the provider's public host)")
+    group.add_argument(
+        "--base-url", type=base_url, help="origin of the API (default: the provider's public host)"
+    )
     group.add_argument(
         "--rate", type=positive_float, help="creates per second (default: dh3 3, others unpaced)"
     )
@@ -220,8 +237,8 @@ def _session(args: argparse.Namespace) -> AsyncSession:
     """A session for the one provider of this command, keys from the environment."""
     name = args.provider
     return AsyncSession(
-        base_urls={name: args.base_url} if args.base_url else None,
-        rate_limits={name: args.rate} if args.rate else None,
+        base_urls={name: args.base_url} if args.base_url is not None else None,
+        rate_limits={name: args.rate} if args.rate is not None else None,
         polling=PollSettings(
             first_poll=args.first_poll,
             min_interval=args.min_poll_interval,
