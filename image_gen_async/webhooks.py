@@ -262,7 +262,8 @@ class WebhookReceiver:
         self._waiting: dict[tuple[str, str], TaskHandle] = {}
         # Early callbacks, oldest first, and the bytes they hold.
         self._early: OrderedDict[tuple[str, str], _Kept] = OrderedDict()
-        self._early_limits = (EARLY_ARRIVALS, early_bytes)
+        # Bytes the early callbacks may hold in all (settable, like read_timeout).
+        self.max_early_bytes = early_bytes
         self._early_bytes = 0
         self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._runner: web.AppRunner | None = None
@@ -385,27 +386,26 @@ class WebhookReceiver:
         client = request.match_info["client"]
         admitted = await self._admit(client, request.match_info.get("token"))
         if not isinstance(admitted, Target):
-            return _response(admitted, close=True)
+            return await _refuse(request, admitted)
         if request.content_length is not None and request.content_length > self._max_body:
             self.stats.too_large += 1
-            return _response(_answer(413, error="body too large"), close=True)
+            return await _refuse(request, _answer(413, error="body too large"))
         encoding = request.headers.get("Content-Encoding", "") if decode else ""
         try:
             async with asyncio.timeout(_positive("read_timeout", self.read_timeout)):
                 raw = await read_body(request.content, self._max_body, encoding)
         except TimeoutError:
             self.stats.timed_out += 1
-            return _response(_answer(408, error="body not received in time"), close=True)
+            return await _refuse(request, _answer(408, error="body not received in time"))
         except _TooLarge:
             self.stats.too_large += 1
-            return _response(_answer(413, error="body too large"), close=True)
+            return await _refuse(request, _answer(413, error="body too large"))
         except _Undecodable as error:
             self.stats.malformed += 1
-            status = 415 if error.unsupported else 400
-            return _response(_answer(status, error=str(error)), close=True)
+            return await _refuse(request, _answer(415 if error.unsupported else 400, error=str(error)))
         except (ConnectionError, web.RequestPayloadError):
             # The sender went away or sent a broken body: nobody reads this answer.
-            return _response(_answer(400, error="body not received"), close=True)
+            return await _refuse(request, _answer(400, error="body not received"))
         return _response(await self._take(client, admitted, raw, request.headers))
 
     async def handle(
@@ -493,7 +493,8 @@ class WebhookReceiver:
         self._early_bytes += kept.cost
         while self._early:
             oldest_key, oldest = next(iter(self._early.items()))
-            if not must_evict(len(self._early), self._early_bytes, oldest.kept_at, now, self._early_limits):
+            limits = (EARLY_ARRIVALS, self.max_early_bytes)
+            if not must_evict(len(self._early), self._early_bytes, oldest.kept_at, now, limits):
                 break
             self._drop_early(oldest_key)
 
@@ -603,10 +604,23 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _response(answer: tuple[int, bytes], *, close: bool = False) -> web.Response:
-    """The aiohttp response for an answer; ``close`` for one given before the body was read whole."""
+def _response(answer: tuple[int, bytes]) -> web.Response:
     status, body = answer
-    response = web.Response(status=status, body=body, content_type="application/json")
-    if close:
-        response.force_close()
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+async def _refuse(request: web.Request, answer: tuple[int, bytes]) -> web.Response:
+    """Answer, then close the connection: what is left of the body is never read.
+
+    Returned unsent, aiohttp would linger reading (and inflating) the rest for up to
+    its ``lingering_time``; a mounted app's server has it at 10 s.
+    """
+    response = _response(answer)
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the sender is gone already
+    request.protocol.force_close()
     return response
