@@ -47,6 +47,7 @@ from ._backend import WebhookRelay
 from ._engine import Engine, Target
 from ._handle import TaskHandle
 from .errors import BackendUnavailableError, ConfigurationError, ImageGenError
+from .providers import Snapshot
 
 log = logging.getLogger("image_gen_async")
 
@@ -559,11 +560,18 @@ class WebhookReceiver:
             reason = self.mask(str(error)) if isinstance(error, ImageGenError) else type(error).__name__
             log.warning("%s callback for %s unreadable: %s", target.name, handle.task_id, reason)
             return _answer(400, error="unreadable callback")
-        if self._engine.settle_from_callback(target, handle, snapshot):
+        if self._engine.settle_from_callback(target, handle, self._masked(snapshot)):
             self.stats.resolved += 1
         else:
             self.stats.progress += 1
         return _answer(200, ok=True)
+
+    def _masked(self, snapshot: Snapshot) -> Snapshot:
+        """The snapshot with the token masked in its failure text, which becomes an exception message."""
+        result = snapshot.result
+        if result is None or not result.error or not self._token or self._token not in result.error:
+            return snapshot
+        return attrs.evolve(snapshot, result=attrs.evolve(result, error=self.mask(result.error)))
 
     # Engine side.
 
