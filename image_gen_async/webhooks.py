@@ -65,7 +65,7 @@ EARLY_BYTES = 16 * 1024 * 1024
 EARLY_TTL = 120.0
 # Settled tasks remembered, so a provider's retry or replay is answered as a duplicate.
 REMEMBERED = 50_000
-# Raw bytes read (and inflated) per step of a compressed body.
+# Decoded bytes made per inflating step of a compressed body.
 _STEP = 64 * 1024
 # Content-Encoding -> zlib wbits (32 + 15: a gzip or zlib header, detected).
 _DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 47}
@@ -149,7 +149,7 @@ def _decoder(encoding: str, first: bytes) -> zlib._Decompress | None:
     return zlib.decompressobj(wbits=wbits)
 
 
-async def read_body(content: StreamReader, limit: int, encoding: str = "") -> bytes:
+async def _read_body(content: StreamReader, limit: int, encoding: str = "") -> bytes:
     """The body from an aiohttp stream, decoded, never holding more than ``limit`` bytes of it.
 
     ``encoding`` is the request's Content-Encoding when the server left it undone; the
@@ -394,7 +394,7 @@ class WebhookReceiver:
         encoding = request.headers.get("Content-Encoding", "") if decode else ""
         try:
             async with asyncio.timeout(_positive("read_timeout", self.read_timeout)):
-                raw = await read_body(request.content, self._max_body, encoding)
+                raw = await _read_body(request.content, self._max_body, encoding)
         except TimeoutError:
             self.stats.timed_out += 1
             return await _refuse(request, _answer(408, error="body not received in time"))

@@ -201,7 +201,7 @@ async def test_a_gzip_bomb_is_refused_before_it_is_sent_whole(
         async for base in mounted(session):
             session.webhooks.public_url = base
             answer = await post_prefix(URL(session.webhooks.url_for("dh3")), bomb, until_eof=False)
-    # 64 KiB of it sent (64 MiB inflated at most): refused with the rest never sent.
+    # 64 KiB of it sent (64 MiB if inflated whole): refused with the rest never sent.
     assert status_of(answer) == 413
     assert session.webhooks.stats.too_large == 1
 
@@ -400,13 +400,15 @@ async def test_the_oldest_kept_callback_goes_when_the_bytes_run_out(
 # 20: listen() on a port in use.
 
 
+def live_runners() -> int:
+    """aiohttp runners set up and not cleaned up, in this process."""
+    return sum(isinstance(o, web.AppRunner) and o.server is not None for o in gc.get_objects())
+
+
 async def test_listen_on_a_port_in_use_fails_cleanly_and_can_be_retried(
     make_session: SessionFactory,
 ) -> None:
     session = make_session(polling=PATIENT)
-    live_runners = lambda: sum(  # noqa: E731
-        isinstance(o, web.AppRunner) and o.server is not None for o in gc.get_objects()
-    )
     before = live_runners()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
