@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from . import _json
 from ._backend import Deliver
 from ._redis_limit import REDIS_ERRORS, unavailable
 
@@ -108,7 +108,7 @@ class RedisRelay:
 
     def _receive(self, data: Any, deliver: Deliver) -> None:
         try:
-            fields = json.loads(data)
+            fields = _json.loads(data)  # deep nesting included: a ValueError
             origin, client, task_id, payload = fields["o"], fields["c"], fields["t"], fields["p"]
         except (ValueError, TypeError, KeyError) as error:
             log.warning("webhook relay: unreadable message ignored: %s", error)
@@ -117,8 +117,8 @@ class RedisRelay:
             deliver(str(client), str(task_id), payload)
 
     async def publish(self, client: str, task_id: str, payload: Any) -> None:
-        """Pass a verified callback to every other instance."""
-        message = json.dumps({"o": self._origin, "c": client, "t": task_id, "p": payload})
+        """Pass a verified callback to every other instance; ``ValueError`` if it cannot be encoded."""
+        message = _json.dumps({"o": self._origin, "c": client, "t": task_id, "p": payload})
         try:
             await self._redis.publish(self._channel, message)
         except REDIS_ERRORS as error:
