@@ -144,8 +144,10 @@ class Follow:
 
 def failure_error(target: Target, result: TaskResult) -> TaskFailedError:
     """The error for a failed task (``ContentPolicyError`` for a safety stop), the key masked."""
-    if result.error and target.secret and target.secret in result.error:
-        result = attrs.evolve(result, error=target.mask(result.error))
+    if result.error:
+        masked = target.mask(result.error)
+        if masked != result.error:
+            result = attrs.evolve(result, error=masked)
     return ContentPolicyError(result) if target.codec.content_policy(result) else TaskFailedError(result)
 
 

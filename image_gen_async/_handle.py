@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Generator
 from typing import Any
 
-from .errors import TaskFailedError
+from ._config import number_in
+from .errors import InvalidRequestError, TaskFailedError
 from .models import TaskResult, TaskStatus
 
 
@@ -118,6 +120,8 @@ class TaskHandle:
 
     async def wait(self, timeout: float | None = None) -> TaskResult:
         """Await the result for at most ``timeout`` seconds; on timeout the job keeps going."""
+        if timeout is not None:
+            timeout = number_in("timeout", timeout, 0.0, math.inf, error=InvalidRequestError)
         return await asyncio.wait_for(asyncio.shield(self._future), timeout)
 
     def add_done_callback(self, callback: Callable[[TaskHandle], object]) -> None:

@@ -323,6 +323,8 @@ class AsyncSession:
             secrets_by_client=secrets,
             relay=self._backend.webhook_relay(),
         )
+        for client in self._clients.values():
+            client._target.also_mask = self.webhooks.mask
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

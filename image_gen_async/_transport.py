@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
@@ -74,6 +74,8 @@ class Target:
     origin: URL
     key: Secret | None
     limiter: Limiter
+    # Masks other secrets an answer may echo (the session's webhook token), after the key.
+    also_mask: Callable[[str], str] | None = None
 
     @property
     def secret(self) -> str | None:
@@ -92,8 +94,9 @@ class Target:
         return URL(str(self.origin).rstrip("/") + path, encoded=True)
 
     def mask(self, text: str) -> str:
-        """``text`` with the key cut out, for any text an answer may have echoed it in."""
-        return mask(text, self.secret)
+        """``text`` with the key (and the webhook token) cut out, for any text an answer may echo."""
+        text = mask(text, self.secret)
+        return self.also_mask(text) if self.also_mask is not None else text
 
     def same_origin_path(self, url: str) -> str | None:
         """The path (and query) of ``url`` when it lies on this client's origin, else None.

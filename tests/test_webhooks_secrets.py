@@ -148,7 +148,6 @@ async def test_an_uncertain_create_does_not_show_the_token(
     assert all(token_of(session) not in text for text in [*_shown(error), caplog.text])
 
 
-@pytest.mark.xfail(strict=True, reason="engine: mask the callback token in text taken from answers")
 @pytest.mark.parametrize(("mode", "name"), [("error", "dh3"), ("error", "get3w"), ("redirect", "get3w_v3"),
                                             ("fail", "dh3")])
 async def test_an_answer_quoting_the_callback_url_does_not_show_the_token(

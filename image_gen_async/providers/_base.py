@@ -24,8 +24,9 @@ class HttpRequest:
 
     method: str
     path: str
-    params: Mapping[str, str] = attrs.field(factory=dict)
-    json: Any = None
+    # Out of the repr: a query or body can carry a callback URL, and with it the webhook token.
+    params: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    json: Any = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
