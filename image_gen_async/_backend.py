@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._capacity import CapacityGate, LocalGate
 from ._ratelimit import Limiter, RateLimiter
 
 # (client, task id, callback JSON): a callback another instance received and verified.
@@ -46,6 +47,9 @@ class LimiterBackend(Protocol):
         ``max_pause`` caps how long one ``Retry-After`` may hold the schedule.
         """
 
+    def gate(self, account: str, key_fingerprint: str, limit: int | None) -> CapacityGate:
+        """The capacity gate for one provider account and API key (``limit``: configured, or None)."""
+
     def webhook_relay(self) -> WebhookRelay | None:
         """The relay between instances, or None when callbacks stay in this process."""
 
@@ -61,6 +65,10 @@ class LocalBackend:
     ) -> Limiter:
         """An in-process ``RateLimiter``."""
         return RateLimiter(rate, margin=margin, max_pause=max_pause)
+
+    def gate(self, account: str, key_fingerprint: str, limit: int | None) -> CapacityGate:
+        """An in-process ``LocalGate``."""
+        return LocalGate(account, limit)
 
     def webhook_relay(self) -> WebhookRelay | None:
         """No relay: a callback must reach the session that submitted the job."""

@@ -5,9 +5,11 @@ HTTP status? what does the codec say the body's error is? does it name a task?) 
 decide. Every rule of "never pay twice" is here, tested as a table.
 
 Creates: a create is tried again only when the provider cannot have made the task —
-nothing was sent, a 429, or a 503 naming no task. An HTTP 5xx other than 503 may have made
-the task whatever its body says, and so may any answer naming a task id alongside an
-error, or a success answer we cannot read: those are uncertain, never retried.
+nothing was sent (a retry, counted), or a 429 or 503 naming no task (a refusal: the job
+waits for capacity or for the rate to allow it, and no retry is counted). An HTTP 5xx
+other than 503 may have made the task whatever its body says, and so may any answer
+naming a task id alongside an error, or a success answer we cannot read: those are
+uncertain, never retried.
 
 Polls and downloads are reads: any transient failure is tried again, until the budget ends.
 """
@@ -22,6 +24,7 @@ class Verdict(enum.Enum):
 
     ACCEPTED = "accepted"  # use the answer
     RETRY = "retry"  # nothing was made (or it is a read): ask again after a wait
+    REFUSED = "refused"  # a create refused for capacity or rate (429, 503): nothing made; wait, uncounted
     UNCERTAIN = "uncertain"  # a create that may have made a task: never sent again
     FAILED = "failed"  # final: asking again will not mend it
 
@@ -59,15 +62,15 @@ def classify_create(
         return Verdict.UNCERTAIN if sent else Verdict.RETRY
     if 300 <= http_status < 400:
         return Verdict.FAILED  # a redirect is not followed (it could carry the key away)
-    if names_task and (error_status is not None or failure is not None):
+    if names_task and (error_status is not None or failure is not None or http_status >= 400):
         return Verdict.UNCERTAIN  # an error that names a task may still have made it
     if http_status >= 500:
         # Whatever the body says: a 500 may have made the task. A 503 is the documented
         # "busy, nothing made" (nananobanana refunds it).
-        return Verdict.RETRY if http_status == 503 else Verdict.UNCERTAIN
+        return Verdict.REFUSED if http_status == 503 else Verdict.UNCERTAIN
     if error_status is not None:
         if error_status in (429, 503):
-            return Verdict.RETRY
+            return Verdict.REFUSED
         if error_status >= 500:
             return Verdict.UNCERTAIN
         return Verdict.FAILED

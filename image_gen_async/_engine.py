@@ -19,10 +19,11 @@ import attrs
 from yarl import URL
 
 from . import _json
+from ._capacity import ACCOUNT_STOPS, Slot
 from ._classify import Failure, Verdict, classify_create, classify_poll
 from ._polling import PollSettings
 from ._ratelimit import Limiter, Ticket
-from ._retry import Retry, RetryBudget, retrying
+from ._retry import Retry, RetryBudget, backoff_steps, next_wait, retrying
 from ._transport import (
     Answer,
     AnswerTooLarge,
@@ -33,16 +34,16 @@ from ._transport import (
     without_query,
 )
 from .errors import (
+    APIError,
     ConfigurationError,
     ImageGenError,
     InvalidRequestError,
     ProtocolError,
-    RateLimitError,
     SubmitUncertainError,
     TransportError,
     api_error,
 )
-from .providers import Codec, ErrorReport, HttpRequest, Snapshot
+from .providers import Codec, ErrorReport, HttpRequest, Refusal, Snapshot
 
 log = logging.getLogger("image_gen_async")
 
@@ -84,11 +85,32 @@ class OrphanedTask:
 
 
 class Created(NamedTuple):
-    """An accepted create: what it said, how many retries it took, and when it went out (loop clock)."""
+    """An accepted create: what it said, its retries, when it went out (loop clock), its slot."""
 
     snapshot: Snapshot
     retries: int
     sent_at: float
+    slot: Slot
+    refusals: int
+
+
+class Refused(Exception):
+    """A create refused for capacity or rate: nothing was made (not a retry: the job waits its turn)."""
+
+    def __init__(self, error: ImageGenError, refusal: Refusal) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.refusal = refusal
+
+
+class CreateReading(NamedTuple):
+    """What a create's answer says: the snapshot if accepted, else the error and what it means."""
+
+    snapshot: Snapshot | None
+    error: ImageGenError | None
+    verdict: Verdict
+    task_id: str | None
+    refusal: Refusal | None
 
 
 class Reading(NamedTuple):
@@ -163,6 +185,7 @@ class Engine:
         self.poll_budget = RetryBudget(tries, settings.retry_base, settings.retry_cap)
         self.orphans: deque[OrphanedTask] = deque(maxlen=ORPHANS_KEPT)
         self.orphaned = 0
+        self.refusals = 0  # creates refused for capacity or rate, in this session
 
     @property
     def closed(self) -> bool:
@@ -183,18 +206,25 @@ class Engine:
         *,
         read_timeout: float | None = None,
         before_send: Callable[[], object] | None = None,
+        deadline: float | None = None,
     ) -> Created:
-        """Send a create, retrying only what cannot have made a task.
+        """Admit, pace and send a create; retry only what cannot have made a task.
 
-        Whether the request can have reached the provider is known: its limiter ticket is
-        stamped once it has a connection (before, nothing can have left). ``before_send()``
-        runs before each attempt goes out, after its rate-limit turn (awaited if it returns
-        an awaitable). A ``submit()`` cancelled after its request went out keeps reading the
-        answer in the background and records the task it made (``session.orphans``).
+        Admission first: the account's circuit (an answer that stopped the key fails every
+        create at once) and its capacity gate (FIFO, until ``deadline`` on the loop clock),
+        then the rate-limit turn, so no turn is held while waiting for capacity. A refusal
+        (429, 503 naming no task) made nothing: the job waits for capacity or rate and asks
+        again, and no retry is counted. Whether a request can have reached the provider is
+        known: its limiter ticket is stamped once it has a connection. ``before_send()`` runs
+        before each attempt goes out (awaited if it returns an awaitable). A ``submit()``
+        cancelled after its request went out keeps reading the answer in the background and
+        records the task it made (``session.orphans``). The accepted create's slot is the
+        caller's to release when the task is done.
         """
         body = encode_body(request)
         limit = self.transport.exchange_limit(read_timeout)
-        retries = 0
+        account = target.account
+        retries = refusals = 0
         sent_at = 0.0
 
         async def attempt() -> Snapshot:
@@ -202,6 +232,7 @@ class Engine:
             limiter = target.limiter
             ticket = _ready(limiter) or await limiter.acquire()
             try:
+                account.check(target.name)  # the circuit may have opened while this create waited
                 if before_send is not None:
                     pending = before_send()
                     if inspect.isawaitable(pending):
@@ -216,22 +247,52 @@ class Engine:
                 if not ticket.was_sent:
                     ticket.abandon()
             sent_at = ticket.at or 0.0
-            snapshot, refusal, verdict, task_id = read_create(target, model, answer)
-            if verdict is Verdict.ACCEPTED and snapshot is not None:
+            read = read_create(target, model, answer)
+            if read.verdict is Verdict.ACCEPTED and read.snapshot is not None:
                 limiter.reward()
-                return snapshot
-            assert refusal is not None
-            if isinstance(refusal, RateLimitError):
-                limiter.penalize(refusal.retry_after)
-            raise self._create_outcome(verdict, target, model, request, refusal, task_id)
+                return read.snapshot
+            assert read.error is not None
+            if read.verdict is Verdict.REFUSED and read.refusal is not None:
+                if not read.refusal.capacity:
+                    limiter.penalize(getattr(read.error, "retry_after", None))
+                raise Refused(read.error, read.refusal)
+            raise self._create_outcome(read.verdict, target, model, request, read.error, read.task_id)
 
         def on_retry(tries: int, wait: float, error: ImageGenError) -> None:
             nonlocal retries
             retries += 1
             log.warning("%s create retry %d in %.2f s: %s", target.name, tries, wait, describe(error))
 
-        snapshot = await retrying(attempt, self.create_budget, on_retry=on_retry)
-        return Created(snapshot, retries, sent_at)
+        loop = asyncio.get_running_loop()
+        waits = backoff_steps(self.settings.retry_base, self.settings.retry_cap)
+        while True:
+            account.check(target.name)
+            slot = await account.gate.admit(deadline)
+            try:
+                snapshot = await retrying(attempt, self.create_budget, on_retry=on_retry)
+            except Refused as refused:
+                refusals += 1
+                self.refusals += 1
+                error, refusal = refused.error, refused.refusal
+                retry_after = getattr(error, "retry_after", None)
+                if refusal.capacity:
+                    account.gate.refused(slot, refusal.active, retry_after)
+                    continue  # the gate holds the next try until a task of this key finishes
+                slot.release()
+                # A rate refusal: the limiter slows down; an unpaced one needs a wait of its own.
+                wait = next_wait(waits, retry_after, self.settings.retry_cap)
+                if deadline is not None and loop.time() + wait >= deadline:
+                    raise error from None
+                log.info("%s create refused (rate): %s; again in %.2f s", target.name, describe(error), wait)
+                await asyncio.sleep(wait)
+                continue
+            except BaseException as error:
+                slot.release()
+                if isinstance(error, APIError) and error.status in ACCOUNT_STOPS:
+                    account.block(error)
+                raise
+            account.gate.accepted()
+            return Created(snapshot, retries, sent_at, slot, refusals)
 
     async def _send_create(
         self,
@@ -262,9 +323,9 @@ class Engine:
         """A cancelled submit's create has been answered: name the task it made, loudly."""
         task_id = None
         if not sending.cancelled() and sending.exception() is None:
-            snapshot, _, verdict, named = read_create(target, model, sending.result())
-            task_id = snapshot.task_id if snapshot is not None else named
-            if verdict is Verdict.RETRY:
+            read = read_create(target, model, sending.result())
+            task_id = read.snapshot.task_id if read.snapshot is not None else read.task_id
+            if read.verdict in (Verdict.REFUSED, Verdict.FAILED):
                 return  # refused with certainty: nothing was made
         self.orphans.append(OrphanedTask(target.name, model, task_id))
         self.orphaned += 1
@@ -344,10 +405,8 @@ class Engine:
         )
 
 
-def read_create(
-    target: Target, model: str, answer: Answer
-) -> tuple[Snapshot | None, ImageGenError | None, Verdict, str | None]:
-    """A create's answer: the snapshot if accepted, else the error, the verdict and any task id named."""
+def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
+    """A create's answer, read and classified (the codec says what a refusal refuses)."""
     codec = target.codec
     body, report, error, failure = read_answer(target, answer)
     snapshot = None
@@ -364,7 +423,10 @@ def read_create(
         names_task=task_id is not None,
         failure=failure,
     )
-    return snapshot, error, verdict, task_id
+    refusal = None
+    if verdict is Verdict.REFUSED and report is not None:
+        refusal = codec.refusal_of(report, None if body is _NOT_JSON else body)
+    return CreateReading(snapshot, error, verdict, task_id, refusal)
 
 
 def read_poll(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from ._capacity import Slot
 from ._config import number_in
 from .errors import InvalidRequestError, TaskFailedError
 from .models import TaskResult, TaskStatus
@@ -37,6 +38,7 @@ class TaskHandle:
         "__weakref__",
         "_future",
         "_on_cancel",
+        "_slot",
         "estimated_duration",
         "finished_at",
         "model",
@@ -71,6 +73,8 @@ class TaskHandle:
         # Stops whoever follows the task; dropped once the handle is done, so a finished
         # handle keeps nothing of its follower (nor the submitter's context) alive.
         self._on_cancel: Callable[[], object] | None = None
+        # The task's place in its key's capacity window, given back once the handle is done.
+        self._slot: Slot | None = None
 
     def __repr__(self) -> str:
         return (
@@ -113,6 +117,7 @@ class TaskHandle:
         if on_cancel is not None:
             on_cancel()
         cancelled = self._future.cancel()
+        self._give_back()
         if cancelled:
             self.finished_at = time.time()
             log.info("%s task %s: waiting cancelled", self.provider, self.task_id)
@@ -130,6 +135,11 @@ class TaskHandle:
 
     # Engine side.
 
+    def _give_back(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
+
     def observe(self, status: TaskStatus) -> None:
         """Record the status seen on the wire, logging changes."""
         if status is not self.status:
@@ -140,6 +150,7 @@ class TaskHandle:
         """Finish with the provider's final answer (first answer wins)."""
         if not self._future.done():
             self._on_cancel = None
+            self._give_back()
             self.observe(result.status)
             self.finished_at = time.time()
             self._future.set_result(result)
@@ -148,6 +159,7 @@ class TaskHandle:
         """Finish with an error (first answer wins)."""
         if not self._future.done():
             self._on_cancel = None
+            self._give_back()
             if isinstance(error, TaskFailedError):
                 self.observe(TaskStatus.FAILED)
             self.finished_at = time.time()

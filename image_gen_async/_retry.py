@@ -45,6 +45,13 @@ def next_wait(waits: Iterator[float], retry_after: float | None, cap: float) -> 
     return backoff.full_jitter(next(waits))
 
 
+def backoff_steps(base: float, cap: float) -> Iterator[float]:
+    """The exponential steps (before jitter) of a backoff: ``base``, doubling, up to ``cap``."""
+    waits = backoff.expo(factor=base, max_value=cap)
+    next(waits)  # backoff's generators start with a priming 0
+    return waits
+
+
 async def retrying(
     attempt: Callable[[], Awaitable[T]],
     budget: RetryBudget,
@@ -70,9 +77,7 @@ async def retrying(
         if budget.tries is not None and tries >= budget.tries:
             raise failure.error
         if waits is None:
-            # The first step is ``base``; backoff's generators start with a priming 0.
-            waits = backoff.expo(factor=budget.base, max_value=budget.cap)
-            next(waits)
+            waits = backoff_steps(budget.base, budget.cap)
         wait = next_wait(waits, failure.retry_after, budget.cap)
         loop = asyncio.get_running_loop()
         if deadline is not None and loop.time() + wait >= deadline:

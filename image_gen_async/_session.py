@@ -14,6 +14,7 @@ from yarl import URL
 
 from . import _config
 from ._backend import LimiterBackend, LocalBackend
+from ._capacity import Account, CapacityGate, LocalGate, Slot
 from ._engine import Engine, EngineSettings, OrphanedTask
 from ._follow import Follow
 from ._handle import TaskHandle
@@ -21,7 +22,7 @@ from ._polling import PollSettings
 from ._ratelimit import Limiter
 from ._transport import Secret, Target
 from .download import DEFAULT_MAX_BYTES, download_result
-from .errors import ConfigurationError, InvalidRequestError
+from .errors import APIError, ConfigurationError, InvalidRequestError
 from .models import TaskResult, TaskStatus
 from .providers import CODECS, FALLBACK_CLIENT, Snapshot
 from .webhooks import WebhookReceiver
@@ -54,6 +55,29 @@ class ProviderClient:
 
     def __repr__(self) -> str:
         return f"<ProviderClient {self.name} {self.base_url}>"
+
+    @property
+    def blocked(self) -> APIError | None:
+        """The answer that stopped this key (401 bad key, 402 no credits, 403 no balance/access), or None.
+
+        While set, every create of this client (and of any client on the same account and
+        key) fails at once with it, and nothing is sent; ``unblock()`` after fixing the cause.
+        """
+        return self._target.account.blocked
+
+    def unblock(self) -> None:
+        """Send again after the cause of ``blocked`` was fixed (a top-up, a new key)."""
+        self._target.account.unblock()
+
+    @property
+    def capacity(self) -> CapacityGate:
+        """The capacity gate of this client's account and key (``window``, ``in_flight``, ``refusals``)."""
+        return self._target.account.gate
+
+    @property
+    def remaining_credits(self) -> float | None:
+        """The account's credits as the provider last reported them (nananobanana), or None."""
+        return self._target.account.remaining_credits
 
     def check_ready(self) -> None:
         """Raise ``ConfigurationError`` now if this client has no key or the session is closed.
@@ -102,8 +126,18 @@ class ProviderClient:
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
-        created = await self._session._engine.create(target, model, request, before_send=before_create)
-        return self._follow(created.snapshot, model, created.retries, timeout, webhook=webhook)
+        engine = self._session._engine
+        created = await engine.create(
+            target, model, request, before_send=before_create, deadline=self._deadline(timeout)
+        )
+        return self._follow(
+            created.snapshot, model, created.retries, timeout, webhook=webhook, slot=created.slot
+        )
+
+    def _deadline(self, timeout: float | None) -> float:
+        """How long a job may wait for capacity (loop clock): its own ``timeout``, from now."""
+        span = self._session._engine.settings.task_timeout if timeout is None else timeout
+        return asyncio.get_running_loop().time() + span
 
     async def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
         if not webhook:
@@ -144,12 +178,20 @@ class ProviderClient:
                 if timeout is None
                 else min(timeout, engine.settings.sync_timeout)
             )
-        created = await engine.create(target, model, request, read_timeout=read_timeout)
+        created = await engine.create(
+            target, model, request, read_timeout=read_timeout, deadline=self._deadline(timeout)
+        )
         # Timed from when the request went out (pool and limiter waits are not job time):
         # exact when sync mode answered with the result.
         took = asyncio.get_running_loop().time() - created.sent_at
         handle = self._follow(
-            created.snapshot, model, created.retries, timeout, webhook=webhook, took=(took, took)
+            created.snapshot,
+            model,
+            created.retries,
+            timeout,
+            webhook=webhook,
+            took=(took, took),
+            slot=created.slot,
         )
         try:
             return await handle
@@ -172,9 +214,11 @@ class ProviderClient:
         estimated_duration = _config.optional_positive_number(
             "estimated_duration", estimated_duration, error=InvalidRequestError
         )
-        self._ready_target()
+        target = self._ready_target()
         snapshot = Snapshot(task_id, TaskStatus.QUEUED, estimated_duration=estimated_duration)
-        return self._follow(snapshot, model, 0, timeout, learn=False)
+        # The task runs at the provider: it holds a place in the key's window, even over it.
+        slot = target.account.gate.occupy()
+        return self._follow(snapshot, model, 0, timeout, learn=False, slot=slot)
 
     def _follow(
         self,
@@ -186,6 +230,7 @@ class ProviderClient:
         webhook: bool = False,
         took: tuple[float, float] | None = None,
         learn: bool = True,
+        slot: Slot | None = None,
     ) -> TaskHandle:
         target = self._target
         follow = self._session._follow
@@ -197,6 +242,7 @@ class ProviderClient:
             estimated_duration=snapshot.estimated_duration,
             retries=retries,
         )
+        handle._slot = slot  # given back when the handle is done
         if snapshot.result is not None:
             follow.finish(target, handle, snapshot.result, took)
         else:
@@ -212,6 +258,12 @@ def _clean_key(label: str, value: object) -> str:
     ``label`` names where the key came from; no message ever repeats the key itself.
     """
     return _config.api_key(label, value)
+
+
+def _gate(backend: LimiterBackend, account: str, fingerprint: str, limit: int | None) -> CapacityGate:
+    """The backend's capacity gate; an in-process one for a backend that makes none."""
+    make = getattr(backend, "gate", None)
+    return make(account, fingerprint, limit) if make is not None else LocalGate(account, limit)
 
 
 def _key_fingerprint(key: str) -> str:
@@ -253,6 +305,7 @@ class AsyncSession:
         webhook_secrets: Mapping[str, str] | None = None,
         limiter_backend: LimiterBackend | None = None,
         env: Mapping[str, str] | None = None,
+        max_concurrent: Mapping[str, int | None] | None = None,
     ) -> None:
         # Every value is checked here, before a limiter or connection exists: a bad one is a
         # ConfigurationError naming it, never a paid create that fails afterwards.
@@ -260,7 +313,9 @@ class AsyncSession:
         given_urls = _config.mapping("base_urls", base_urls)
         given_rates = _config.mapping("rate_limits", rate_limits)
         given_secrets = _config.mapping("webhook_secrets", webhook_secrets)
+        given_caps = _config.mapping("max_concurrent", max_concurrent)
         for label, given in (
+            ("max_concurrent", given_caps),
             ("api_keys", given_keys),
             ("base_urls", given_urls),
             ("rate_limits", given_rates),
@@ -280,6 +335,10 @@ class AsyncSession:
         secrets = {
             name: _config.secret_text(f"webhook_secrets[{name!r}]", value)
             for name, value in given_secrets.items()
+        }
+        caps = {
+            name: _config.optional_whole_number(f"max_concurrent[{name!r}]", value, 1)
+            for name, value in given_caps.items()
         }
         retry_base, retry_cap = _config.retry_bounds(retry_base, retry_cap)
         rate_limit_margin = _config.number_in("rate_limit_margin", rate_limit_margin, 0.0, 1.0)
@@ -301,6 +360,7 @@ class AsyncSession:
         environ = os.environ if env is None else env
         self._backend = limiter_backend or LocalBackend()
         limiters: dict[tuple[str, str], Limiter] = {}
+        accounts: dict[tuple[str, str], Account] = {}
         self._clients: dict[str, ProviderClient] = {}
         for name, codec in CODECS.items():
             fallback = FALLBACK_CLIENT.get(name)
@@ -313,7 +373,14 @@ class AsyncSession:
                 limiters[limiter_key] = self._backend.limiter(
                     *limiter_key, rate, rate_limit_margin, max_pause=retry_cap
                 )
-            target = Target(name, codec, url, Secret(key) if key else None, limiters[limiter_key])
+            # One account per provider and key (Get3W's two APIs are one): one cap, one circuit.
+            account_key = (fallback or name, limiter_key[1])
+            if account_key not in accounts:
+                limit = caps.get(fallback or name) if (fallback or name) in caps else caps.get(name)
+                accounts[account_key] = Account(account_key[0], _gate(self._backend, *account_key, limit))
+            target = Target(
+                name, codec, url, Secret(key) if key else None, limiters[limiter_key], accounts[account_key]
+            )
             self._clients[name] = ProviderClient(self, target)
         if "get3w_v3" not in secrets and environ.get(WEBHOOK_SECRET_ENV, "").strip():
             secrets["get3w_v3"] = _config.secret_text(WEBHOOK_SECRET_ENV, environ[WEBHOOK_SECRET_ENV])

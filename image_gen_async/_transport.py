@@ -28,6 +28,7 @@ import attrs
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from ._capacity import Account
 from ._ratelimit import Limiter, Ticket
 from .errors import ImageGenError, SessionClosedError, TransportError
 from .providers import Codec, HttpRequest
@@ -74,6 +75,7 @@ class Target:
     origin: URL
     key: Secret | None
     limiter: Limiter
+    account: Account
     # Masks other secrets an answer may echo (the session's webhook token), after the key.
     also_mask: Callable[[str], str] | None = None
 

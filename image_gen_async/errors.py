@@ -143,6 +143,10 @@ class DownloadError(ImageGenError):
     or a body over the size cap. Nothing is left on disk when it is raised."""
 
 
+class AdmissionTimeoutError(ImageGenError, TimeoutError):
+    """No capacity for this provider key came free within the job's deadline: nothing was sent."""
+
+
 class TaskTimeoutError(ImageGenError, TimeoutError):
     """The handle's deadline passed before the task finished; polling has stopped."""
 

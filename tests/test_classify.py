@@ -12,7 +12,7 @@ from image_gen_async._classify import Failure, Verdict, classify_create, classif
 from image_gen_async._retry import Retry, RetryBudget, retrying
 from image_gen_async.providers import CODECS, ErrorReport
 
-A, R, U, F = Verdict.ACCEPTED, Verdict.RETRY, Verdict.UNCERTAIN, Verdict.FAILED
+A, R, U, F, X = Verdict.ACCEPTED, Verdict.RETRY, Verdict.UNCERTAIN, Verdict.FAILED, Verdict.REFUSED
 
 # (sent, http status, error status the codec read, names a task, failure) -> verdict
 CREATE_TABLE: list[tuple[bool, int | None, int | None, bool, Failure | None, Verdict]] = [
@@ -33,8 +33,8 @@ CREATE_TABLE: list[tuple[bool, int | None, int | None, bool, Failure | None, Ver
     (True, 307, None, False, None, F),
     # HTTP 5xx: 503 naming no task is "busy, nothing made"; any other 5xx may have made it,
     # whatever its body's code says.
-    (True, 503, 503, False, None, R),
-    (True, 503, None, False, Failure.NOT_JSON, R),
+    (True, 503, 503, False, None, X),
+    (True, 503, None, False, Failure.NOT_JSON, X),
     (True, 503, 503, True, None, U),
     (True, 500, 500, False, None, U),
     (True, 500, 503, False, None, U),
@@ -42,18 +42,18 @@ CREATE_TABLE: list[tuple[bool, int | None, int | None, bool, Failure | None, Ver
     (True, 502, 502, False, None, U),
     (True, 504, None, False, Failure.NOT_JSON, U),
     # 429 and client errors.
-    (True, 429, 429, False, None, R),
+    (True, 429, 429, False, None, X),
     (True, 429, 429, True, None, U),
     (True, 400, 400, False, None, F),
     (True, 401, 401, False, None, F),
     (True, 402, 402, False, None, F),
     (True, 403, 403, False, None, F),
     (True, 404, 404, False, None, F),
-    (True, 400, 429, False, None, R),  # a rate-limit message under 400
+    (True, 400, 429, False, None, X),  # a rate-limit message under 400
     (True, 400, 400, True, None, U),  # an error that names a task
     # Errors in the body under HTTP 200 (dh3): the body's code decides.
-    (True, 200, 429, False, None, R),
-    (True, 200, 503, False, None, R),
+    (True, 200, 429, False, None, X),
+    (True, 200, 503, False, None, X),
     (True, 200, 500, False, None, U),
     (True, 200, 400, False, None, F),
     (True, 200, 402, False, None, F),
@@ -93,7 +93,9 @@ def test_no_unsent_create_is_ever_uncertain_and_no_sent_5xx_but_503_is_retried()
                         failure=failure,
                     )
                     if status is not None and status >= 500 and status != 503:
-                        assert verdict is not R, (status, error_status, names_task, failure)
+                        assert verdict not in (R, X), (status, error_status, names_task, failure)
+                    if verdict is X:
+                        assert not names_task and (status in (429, 503) or error_status in (429, 503))
                     if names_task and (error_status is not None or failure is not None) and status:
                         assert verdict in (U, F), (status, error_status, failure)
     for failure in (Failure.NO_ANSWER, Failure.TLS):
@@ -158,9 +160,9 @@ def test_download_table(status: int | None, failure: Failure | None, verdict: Ve
     [
         (500, {"code": 503, "message": "busy"}, U),
         (500, {"code": 429, "message": "slow down"}, U),
-        (503, {"code": 503, "message": "busy"}, R),
-        (503, {"type": "server_busy", "error": "busy", "activeTasks": 10}, R),
-        (429, {"code": 429, "message": "Rate limit exceeded"}, R),
+        (503, {"code": 503, "message": "busy"}, X),
+        (503, {"type": "server_busy", "error": "busy", "activeTasks": 10}, X),
+        (429, {"code": 429, "message": "Rate limit exceeded"}, X),
         (402, {"error": "Insufficient credits"}, F),
         (401, {"code": 401, "message": "Invalid API key"}, F),
     ],

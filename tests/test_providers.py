@@ -261,11 +261,15 @@ async def test_v3_poll_url_followed_only_on_the_configured_origin(
 def test_same_origin_path_rule() -> None:
     from yarl import URL
 
+    from image_gen_async._capacity import Account, LocalGate
     from image_gen_async._engine import Target
     from image_gen_async._ratelimit import RateLimiter
     from image_gen_async.providers import CODECS
 
-    target = Target("get3w_v3", CODECS["get3w_v3"], URL("https://api.get3w.com"), None, RateLimiter(None))
+    account = Account("get3w", LocalGate("get3w", None))
+    target = Target(
+        "get3w_v3", CODECS["get3w_v3"], URL("https://api.get3w.com"), None, RateLimiter(None), account
+    )
     assert target.same_origin_path("https://api.get3w.com/api/v3/predictions/p1/result") == (
         "/api/v3/predictions/p1/result"
     )

@@ -235,7 +235,8 @@ async def test_429_through_the_engine_is_shared(
     )
     emulator.script("dh3", "create", "429")
     handle = await a.dh3.submit(MODELS["dh3"], prompt="a fox")
-    assert handle.retries == 1 and (await handle).ok
+    assert handle.retries == 0 and (await handle).ok  # a refusal, not a retry
+    assert emulator.stats.create_requests["dh3"] == 2
     await b.dh3.submit(MODELS["dh3"], prompt="a fox")
     rate = b.dh3.limiter.current_rate
     assert rate is not None and rate < 50.0

@@ -43,6 +43,15 @@ class Snapshot:
 
 
 @attrs.frozen
+class Refusal:
+    """A 429/503 that names no task: nothing was made. ``capacity``: too many tasks at once
+    (else too many requests); ``active``: the key's running tasks, when the server says."""
+
+    capacity: bool
+    active: int | None = None
+
+
+@attrs.frozen
 class ErrorReport:
     """An answer that is an error: the HTTP-like status to classify by, the code and text."""
 
@@ -68,6 +77,7 @@ COMMON_STATUS_WORDS: Mapping[str, TaskStatus] = {
     ),
 }
 
+_CAPACITY_WORDS = re.compile(r"concurren|busy|active tasks|too many tasks|parallel", re.IGNORECASE)
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|\bqps\b|too many requests|too frequent|throttl", re.IGNORECASE)
 _CONTENT_POLICY_WORDS = re.compile(
     r"safety|nsfw|content.?(polic|filter)|moderation|inappropriate|sensitive|blocked", re.IGNORECASE
@@ -183,6 +193,11 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
         """The error an answer carries, or None; JSON-level failures count under HTTP 200."""
+
+    def refusal_of(self, report: ErrorReport, body: Any) -> Refusal:
+        """What a 429/503 naming no task refuses: a 503, or words about tasks at once, mean capacity."""
+        capacity = report.status == 503 or bool(_CAPACITY_WORDS.search(report.message))
+        return Refusal(capacity)
 
     def task_id_of(self, body: Any, depth: int = 3) -> str | None:
         """Best-effort task id in an answer or callback: top level, ``data`` or a ``*_output``.

@@ -34,6 +34,7 @@ from ._base import (
     Codec,
     ErrorReport,
     HttpRequest,
+    Refusal,
     Snapshot,
     error_report,
     number,
@@ -129,6 +130,10 @@ class _Get3WCodec(Codec):
             estimated_duration=number(fields.get("estimated_duration")),
             poll_url=task.urls.get if isinstance(task, V3Prediction) and task.urls else None,
         )
+
+    def refusal_of(self, report: ErrorReport, body: Any) -> Refusal:
+        """Get3W documents its 429 as "too many concurrent tasks for the account tier"."""
+        return Refusal(capacity=True)
 
     def content_policy(self, result: TaskResult) -> bool:
         """Get3W marks safety failures in words, and v3 also in ``has_nsfw_contents``."""

@@ -29,11 +29,13 @@ from ._base import (
     Codec,
     ErrorReport,
     HttpRequest,
+    Refusal,
     Snapshot,
     error_report,
     merge_params,
     require_prompt,
     urls_as_outputs,
+    whole_number,
 )
 
 PARAM_ALIASES = {"image_urls": "referenceImageUrls", "aspect_ratio": "aspectRatio"}
@@ -139,6 +141,13 @@ class NananobananaCodec(Codec):
         """The documented warning flag, or a failure message about safety."""
         raw = result.raw if isinstance(result.raw, Mapping) else {}
         return raw.get("warning") is True or super().content_policy(result)
+
+    def refusal_of(self, report: ErrorReport, body: Any) -> Refusal:
+        """503 ``server_busy`` is the documented cap, with the key's ``activeTasks``; a 429 is a rate."""
+        fields = body if isinstance(body, Mapping) else {}
+        if report.status == 503 or fields.get("type") == "server_busy":
+            return Refusal(capacity=True, active=whole_number(fields.get("activeTasks")))
+        return super().refusal_of(report, body)
 
     def error_of(self, http_status: int, body: Any) -> ErrorReport | None:
         fields = body if isinstance(body, Mapping) else {}

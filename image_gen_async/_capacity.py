@@ -1,0 +1,235 @@
+"""Admission: at most as many tasks of one provider key in flight as its account runs at once.
+
+Providers cap the tasks an account runs at once (nananobanana 503 ``server_busy`` with
+``activeTasks``; Get3W 429 "too many concurrent tasks"). Sending past the cap only buys
+refusals, so every create first takes a slot here, and a task holds it from its create
+until its handle is done (a sync ``generate()`` holds it while its request runs).
+
+The window is the configured ``max_concurrent``, or learned: it starts small and grows by
+one per accepted create (doubling per round trip) until the first refusal; a refusal
+shrinks it to what is in flight (or to ``activeTasks`` when the server says fewer), so new
+creates wait until a task of that key finishes; after that it grows by one per
+``GROWTH_PER_WINDOW`` windows of accepted creates, a slow probe for a raised cap. Waiters
+are served first come, first served; a waiter can be cancelled or run out of deadline.
+
+``CapacityGate`` is what the engine needs of any gate; ``LocalGate`` is the in-process one
+(``_redis_capacity`` shares one among processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Protocol
+
+from .errors import AdmissionTimeoutError, APIError, ImageGenError
+
+log = logging.getLogger("image_gen_async")
+
+# Answers that say the account cannot run anything now: invalid key, no credits, no balance/access.
+ACCOUNT_STOPS = frozenset({401, 402, 403})
+# A learned window starts here and doubles per round of accepted creates until a refusal.
+INITIAL_WINDOW = 8
+# Once a refusal has shown the cap, the window grows by one per this many windows of creates.
+GROWTH_PER_WINDOW = 4
+# A refusal while nothing of ours is in flight (others use the key): wait this long, doubling.
+IDLE_PAUSE = 0.5
+MAX_IDLE_PAUSE = 30.0
+
+
+class Slot:
+    """One task's place in its key's window, from admission until ``release()``."""
+
+    __slots__ = ("_gate", "released")
+
+    def __init__(self, gate: LocalGate | None) -> None:
+        self._gate = gate
+        self.released = False
+
+    def release(self) -> None:
+        """The task finished (or its create was refused or failed): its place goes to the next waiter."""
+        if not self.released:
+            self.released = True
+            if self._gate is not None:
+                self._gate._release()
+
+
+class CapacityGate(Protocol):
+    """What the engine needs from a capacity gate."""
+
+    async def admit(self, deadline: float | None) -> Slot:
+        """Wait (FIFO) for a place; ``AdmissionTimeoutError`` once the loop clock passes ``deadline``."""
+        ...
+
+    def accepted(self) -> None:
+        """A create was accepted: the window may grow."""
+        ...
+
+    def occupy(self) -> Slot:
+        """A place for a task already running (a resumed one), taken at once, even over the window."""
+        ...
+
+    def refused(self, slot: Slot, active: int | None, retry_after: float | None) -> None:
+        """A create was refused for capacity: give the slot back and shrink the window."""
+        ...
+
+    def fail_waiters(self, error: ImageGenError) -> None:
+        """The account cannot work now: every waiter ends with (a copy of) ``error``."""
+        ...
+
+
+class LocalGate:
+    """The capacity gate of one provider key in this process."""
+
+    def __init__(self, name: str, limit: int | None) -> None:
+        self.name = name
+        self.limit = limit  # configured cap, or None (learned)
+        self.window: int = limit if limit is not None else INITIAL_WINDOW
+        self.in_flight = 0
+        self.refusals = 0
+        self._learning = limit is None  # doubling until the first refusal
+        self._grown = 0  # accepted creates since the window last changed
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._paused_until = 0.0
+        self._pause = IDLE_PAUSE
+        self._wake: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<LocalGate {self.name} {self.in_flight}/{self.window}>"
+
+    def _has_room(self) -> bool:
+        return self.in_flight < self.window and asyncio.get_running_loop().time() >= self._paused_until
+
+    async def admit(self, deadline: float | None) -> Slot:
+        if not self._waiters and self._has_room():
+            self.in_flight += 1
+            return Slot(self)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            if deadline is None:
+                await waiter
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.in_flight -= 1  # woken with a place, then cancelled or out of time: hand it on
+                self._serve()
+            elif not waiter.done() or waiter.cancelled():
+                self._forget(waiter)
+            if isinstance(error, TimeoutError):
+                raise AdmissionTimeoutError(
+                    f"{self.name}: no capacity within the job's deadline ({self.in_flight} of "
+                    f"{self.window} in flight); nothing was sent"
+                ) from None
+            raise
+        return Slot(self)
+
+    def occupy(self) -> Slot:
+        self.in_flight += 1
+        return Slot(self)
+
+    def accepted(self) -> None:
+        self._pause = IDLE_PAUSE
+        if self.limit is not None and self.window >= self.limit:
+            return
+        self._grown += 1
+        if self._learning or self._grown >= GROWTH_PER_WINDOW * self.window:
+            self._grown = 0
+            self.window += 1
+            self._serve()
+
+    def refused(self, slot: Slot, active: int | None, retry_after: float | None) -> None:
+        self.refusals += 1
+        self._learning = False
+        self._grown = 0
+        ours = self.in_flight - 1  # the refused create's own place goes back below
+        window = ours if active is None else min(ours, active)
+        if ours <= 0 or window <= 0:
+            # Nothing of ours holds the key's capacity: others do. Wait, then try one again.
+            loop = asyncio.get_running_loop()
+            pause = retry_after if retry_after is not None else self._pause
+            self._pause = min(MAX_IDLE_PAUSE, self._pause * 2)
+            self._paused_until = loop.time() + pause
+            if self._wake is None:
+                self._wake = loop.call_at(self._paused_until, self._resume)
+            window = 1
+        previous, self.window = self.window, max(1, window)
+        if self.window < previous:
+            log.info("%s: refused for capacity; at most %d tasks at once now", self.name, self.window)
+        slot.release()
+
+    def fail_waiters(self, error: ImageGenError) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(_copy(error))
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if not waiter.done():
+            waiter.cancel()
+
+    def _resume(self) -> None:
+        self._wake = None
+        self._serve()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._serve()
+
+    def _serve(self) -> None:
+        """Hand free places to the waiters, first come first served."""
+        while self._waiters and self._has_room():
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+
+def _copy(error: ImageGenError) -> ImageGenError:
+    """A fresh copy of ``error`` for each waiter (one exception raised in many tasks tangles tracebacks)."""
+    try:
+        fresh = type(error).__new__(type(error))
+        fresh.__dict__.update(error.__dict__)
+        fresh.args = error.args
+        return fresh
+    except (TypeError, AttributeError):
+        return error
+
+
+class Account:
+    """What one provider account and key share across its clients: the capacity gate, the circuit.
+
+    (Get3W's v1 and v3 APIs are one account: one cap, one balance.)
+    """
+
+    def __init__(self, name: str, gate: CapacityGate) -> None:
+        self.name = name
+        self.gate = gate
+        self.blocked: APIError | None = None
+        self.remaining_credits: float | None = None
+
+    def check(self, client: str) -> None:
+        """Raise the answer that stopped this account (anew, for ``client``), if one did."""
+        stop = self.blocked
+        if stop is not None:
+            raise type(stop)(
+                stop.status, stop.code, stop.message, provider=client, retry_after=stop.retry_after
+            )
+
+    def block(self, error: APIError) -> None:
+        """Open the circuit: nothing more is sent for this key, and every waiting create fails now."""
+        if self.blocked is None:
+            log.error("%s: %s; nothing more is sent with this key until unblock()", self.name, error)
+        self.blocked = error
+        self.gate.fail_waiters(error)
+
+    def unblock(self) -> None:
+        """Close the circuit (the key was fixed, credits were topped up)."""
+        self.blocked = None
