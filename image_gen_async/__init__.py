@@ -13,6 +13,7 @@ from ._ratelimit import Limiter, RateLimiter
 from ._redis import RedisBackend
 from ._session import AsyncSession, ProviderClient
 from .errors import (
+    AdmissionTimeoutError,
     APIError,
     AuthenticationError,
     BackendUnavailableError,
@@ -23,6 +24,7 @@ from .errors import (
     ImageGenError,
     InvalidRequestError,
     NotFoundError,
+    NotSupportedError,
     PaymentRequiredError,
     PermissionDeniedError,
     ProtocolError,
@@ -34,12 +36,13 @@ from .errors import (
     TaskTimeoutError,
     TransportError,
 )
-from .models import Output, TaskResult, TaskStatus
+from .models import ModelInfo, Output, TaskResult, TaskStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "AdmissionTimeoutError",
     "AsyncSession",
     "AuthenticationError",
     "BackendUnavailableError",
@@ -54,6 +57,8 @@ __all__ = [
     "LimiterBackend",
     "LocalBackend",
     "NotFoundError",
+    "NotSupportedError",
+    "ModelInfo",
     "Output",
     "PaymentRequiredError",
     "PermissionDeniedError",

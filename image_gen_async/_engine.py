@@ -13,7 +13,7 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
 from yarl import URL
@@ -46,6 +46,7 @@ from .errors import (
 from .providers import Codec, ErrorReport, HttpRequest, Refusal, Snapshot
 
 log = logging.getLogger("image_gen_async")
+T = TypeVar("T")
 
 # Body fields that carry a callback URL (Get3W v3, dh3); the last path segment is the token.
 CALLBACK_FIELDS = frozenset({"webhook_url", "callback_url"})
@@ -292,6 +293,8 @@ class Engine:
                     account.block(error)
                 raise
             account.gate.accepted()
+            if snapshot.remaining_credits is not None:
+                account.remaining_credits = snapshot.remaining_credits
             return Created(snapshot, retries, sent_at, slot, refusals)
 
     async def _send_create(
@@ -374,15 +377,52 @@ class Engine:
         on_retry: Callable[[int, float, ImageGenError], None] | None = None,
         past_deadline: Callable[[ImageGenError], BaseException] | None = None,
     ) -> Snapshot:
-        """One status read, retried on transient failures within the poll budget and ``deadline``.
+        """One status read of ``task_id``; an answer about any other task is refused (and retried).
 
         ``deadline`` (loop clock) bounds every exchange and every wait. ``url``: the request's
         URL when the caller already built it (a poll loop does, once).
         """
+        codec = target.codec
+
+        def reader(body: Any) -> Snapshot:
+            snapshot = codec.read_poll(task_id, model, body)
+            if snapshot.task_id != task_id:
+                raise OtherTaskError(
+                    f"{codec.name}: asked for task {task_id!r}, the answer is about {snapshot.task_id!r}",
+                    field="task id",
+                )
+            return snapshot
+
+        return await self.read(
+            target,
+            request,
+            reader,
+            deadline=deadline,
+            url=url,
+            on_retry=on_retry,
+            past_deadline=past_deadline,
+        )
+
+    async def read(
+        self,
+        target: Target,
+        request: HttpRequest,
+        reader: Callable[[Any], T],
+        *,
+        deadline: float | None = None,
+        url: URL | None = None,
+        on_retry: Callable[[int, float, ImageGenError], None] | None = None,
+        past_deadline: Callable[[ImageGenError], BaseException] | None = None,
+    ) -> T:
+        """A GET of the provider's (a status, the credits, the models), read by ``reader``.
+
+        Retried on transient failures within the poll budget and ``deadline``; ``reader``
+        raises ``ProtocolError`` for a body of the wrong shape.
+        """
         transport = self.transport
         loop = asyncio.get_running_loop()
 
-        async def attempt() -> Snapshot:
+        async def attempt() -> T:
             limit = transport.exchange_limit()
             if deadline is not None:
                 limit = min(limit, deadline - loop.time())
@@ -392,9 +432,9 @@ class Engine:
                 if classify_poll(http_status=None, failure=transport_failure(error)) is Verdict.RETRY:
                     raise Retry(error) from None
                 raise
-            snapshot, refusal, verdict = read_poll(target, task_id, model, answer)
-            if verdict is Verdict.ACCEPTED and snapshot is not None:
-                return snapshot
+            value, refusal, verdict = read_reply(target, answer, reader)
+            if verdict is Verdict.ACCEPTED and value is not None:
+                return value
             assert refusal is not None
             if verdict is Verdict.RETRY:
                 raise Retry(refusal, getattr(refusal, "retry_after", None))
@@ -403,6 +443,10 @@ class Engine:
         return await retrying(
             attempt, self.poll_budget, deadline=deadline, on_retry=on_retry, past_deadline=past_deadline
         )
+
+
+class OtherTaskError(ProtocolError):
+    """A status answer about another task than the one asked for."""
 
 
 def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
@@ -429,31 +473,25 @@ def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
     return CreateReading(snapshot, error, verdict, task_id, refusal)
 
 
-def read_poll(
-    target: Target, task_id: str, model: str, answer: Answer
-) -> tuple[Snapshot | None, ImageGenError | None, Verdict]:
-    """A status answer: the snapshot if usable, else the error and the verdict."""
-    codec = target.codec
+def read_reply(
+    target: Target, answer: Answer, reader: Callable[[Any], T]
+) -> tuple[T | None, ImageGenError | None, Verdict]:
+    """A read's answer: the value if usable, else the error and the verdict."""
     body, report, error, failure = read_answer(target, answer)
-    snapshot = None
+    value = None
     if error is None:
         try:
-            snapshot = codec.read_poll(task_id, model, body)
+            value = reader(body)
+        except OtherTaskError as other:
+            error, failure = other, Failure.OTHER_TASK
         except ProtocolError as bad_shape:
             error, failure = bad_shape, Failure.BAD_SHAPE
-        else:
-            if snapshot.task_id != task_id:
-                error = ProtocolError(
-                    f"{codec.name}: asked for task {task_id!r}, the answer is about {snapshot.task_id!r}",
-                    field="task id",
-                )
-                snapshot, failure = None, Failure.OTHER_TASK
     verdict = classify_poll(
         http_status=answer.status,
         error_status=report.status if report is not None else None,
         failure=failure,
     )
-    return snapshot, error, verdict
+    return value, error, verdict
 
 
 def _task_id_of(codec: Codec, body: Any) -> str | None:

@@ -25,6 +25,10 @@ class SessionClosedError(ConfigurationError):
     at the provider (``client.resume()`` picks it up); a create not yet sent was not made."""
 
 
+class NotSupportedError(ImageGenError):
+    """The provider's API has no such call (e.g. ``credits()`` on dh3): nothing was sent."""
+
+
 class BackendUnavailableError(ImageGenError):
     """The shared backend (Redis) could not be reached, so nothing was sent: never unlimited."""
 

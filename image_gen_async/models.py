@@ -59,6 +59,8 @@ class TaskResult:
     error: str | None = None
     timings: Mapping[str, float | None] | None = None
     raw: Any = attrs.field(default=None, repr=False, eq=False)
+    # What the task cost, where the provider says (nananobanana ``creditsUsed``).
+    credits_used: float | None = None
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -69,6 +71,19 @@ class TaskResult:
     def ok(self) -> bool:
         """True when the task completed."""
         return self.status is TaskStatus.COMPLETED
+
+
+@attrs.frozen
+class ModelInfo:
+    """A model a provider lists (nananobanana ``GET /api/v1/models``); unknowns as None."""
+
+    name: str
+    display_name: str | None = None
+    credits_cost: float | None = None
+    supports_image_input: bool | None = None
+    supports_aspect_ratio: bool | None = None
+    requires_pro: bool | None = None
+    raw: Any = attrs.field(default=None, repr=False, eq=False)
 
 
 def _strict(expected: type[Any]) -> Any:

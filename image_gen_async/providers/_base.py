@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import attrs
 
 from ..errors import InvalidRequestError
-from ..models import Output, TaskResult, TaskStatus
+from ..models import ModelInfo, Output, TaskResult, TaskStatus
 
 
 @attrs.frozen
@@ -40,6 +40,8 @@ class Snapshot:
     poll_url: str | None = None
     # A status word no table knows, taken as still running (the follower warns once per job).
     unknown_status: str | None = None
+    # The account's balance after this create, where the provider says (nananobanana).
+    remaining_credits: float | None = None
 
 
 @attrs.frozen
@@ -216,6 +218,22 @@ class Codec(abc.ABC):
                         return found
         return None
 
+    def credits_request(self) -> HttpRequest | None:
+        """The call that reads the account's balance; None where the API has none."""
+        return None
+
+    def read_credits(self, body: Any) -> float:
+        """The balance from the answer to ``credits_request()``."""
+        raise NotImplementedError
+
+    def models_request(self) -> HttpRequest | None:
+        """The call that lists the models; None where the API has none."""
+        return None
+
+    def read_models(self, body: Any) -> tuple[ModelInfo, ...]:
+        """The models from the answer to ``models_request()``."""
+        raise NotImplementedError
+
     def read_callback(self, task_id: str, model: str, body: Any) -> Snapshot:
         """Read a webhook body; by default it has the shape of a status answer."""
         return self.read_poll(task_id, model, body)
@@ -243,6 +261,8 @@ class Codec(abc.ABC):
         timings: Mapping[str, float | None] | None = None,
         estimated_duration: float | None = None,
         poll_url: str | None = None,
+        credits_used: float | None = None,
+        remaining_credits: float | None = None,
     ) -> Snapshot:
         """A snapshot, with its ``TaskResult`` filled in once the status is terminal.
 
@@ -269,8 +289,9 @@ class Codec(abc.ABC):
                 error=error if status is TaskStatus.FAILED else None,
                 timings=timings,
                 raw=raw,
+                credits_used=credits_used,
             )
-        return Snapshot(task_id, status, result, estimated_duration, poll_url, unknown)
+        return Snapshot(task_id, status, result, estimated_duration, poll_url, unknown, remaining_credits)
 
 
 def require_prompt(provider: str, prompt: object) -> str:
