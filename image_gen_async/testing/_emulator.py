@@ -27,7 +27,9 @@ Account limits (none by default; all changeable while serving):
   dh3 code 429); counted in `stats.capacity_refusals`, peaks in `stats.peak_running`.
 - Money: `emu.credits` (nananobanana, 402 when short) and `emu.get3w_balance` (key ->
   creates left, 403 at 0); refusals in `stats.payment_refusals`. Assign to top up.
-- `config.down`: providers whose requests are met by a closed connection, no answer.
+- `config.down`: providers (API names; get3w and get3w_v3 go down separately) whose
+  every request is met by a closed connection and no answer, counted only in
+  `stats.down_drops`; output files stay served.
 - `config.api_keys` / `config.revoked_keys`: 401 from the next request on.
 - A child process (`EmulatorProcess`) takes the same changes at `POST /_emulator/control`
   (see `_limits.apply_control`); `GET` there shows them and what each key is running.
