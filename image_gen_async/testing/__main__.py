@@ -8,6 +8,7 @@ import contextlib
 import signal
 
 from ._emulator import Emulator
+from ._limits import account_problem, credits_problem, retry_after_problem
 from ._state import EmulatorConfig
 
 
@@ -30,6 +31,60 @@ def api_key(text: str) -> tuple[str, str]:
     return provider, key
 
 
+def checked(problem: str | None) -> None:
+    """Turn a check's problem into an argparse error (which names the flag, not the value)."""
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+
+
+def whole(text: str) -> int:
+    """An integer, or an argparse error that does not repeat the text."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected an integer") from None
+
+
+def max_concurrent(text: str) -> tuple[str, int]:
+    """Parse ACCOUNT=N, a cap of N >= 1 unfinished tasks per key."""
+    account, sep, number = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected ACCOUNT=N, e.g. nananobanana=10")
+    checked(account_problem(account))
+    cap = whole(number)
+    if cap < 1:
+        raise argparse.ArgumentTypeError("the cap must be at least 1")
+    return account, cap
+
+
+def balance(text: str) -> tuple[str, int]:
+    """Parse KEY=N, a Get3W key's creates left (N >= 0)."""
+    key, sep, number = text.rpartition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=N")
+    units = whole(number)
+    if units < 0:
+        raise argparse.ArgumentTypeError("the balance must be an integer >= 0")
+    return key, units
+
+
+def credits(text: str) -> int:
+    """nananobanana's starting credits (an integer >= 0)."""
+    value = whole(text)
+    checked(credits_problem(value))
+    return value
+
+
+def retry_after(text: str) -> float:
+    """Seconds of Retry-After on capacity refusals (a number >= 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of seconds") from None
+    checked(retry_after_problem(value))
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: where to listen and the main EmulatorConfig knobs."""
     parser = argparse.ArgumentParser(prog="python -m image_gen_async.testing", description=__doc__)
@@ -45,6 +100,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=image_size, default=(64, 64), metavar="WxH")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-record", action="store_true", help="do not keep a request log")
+    limits = parser.add_argument_group("account limits (none by default)")
+    limits.add_argument(
+        "--max-concurrent",
+        type=max_concurrent,
+        action="append",
+        default=[],
+        metavar="ACCOUNT=N",
+        help="unfinished tasks per key (accounts: get3w = v1 and v3 together, dh3, nananobanana)",
+    )
+    limits.add_argument("--credits", type=credits, default=1_000_000, help="nananobanana credits")
+    limits.add_argument(
+        "--get3w-balance",
+        type=balance,
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="creates left for this Get3W key (others unlimited)",
+    )
+    limits.add_argument(
+        "--capacity-retry-after", type=retry_after, metavar="SECONDS", help="Retry-After on capacity refusals"
+    )
     return parser.parse_args(argv)
 
 
@@ -61,6 +137,10 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
         image_size=args.image_size,
         seed=args.seed,
         record_requests=not args.no_record,
+        max_concurrent=dict(args.max_concurrent),
+        credits=args.credits,
+        get3w_balance=dict(args.get3w_balance),
+        capacity_retry_after=args.capacity_retry_after,
     )
 
 

@@ -1,7 +1,9 @@
-"""The emulator's shared machinery: request gate (record, auth, QPS, faults), tasks, files.
+"""The emulator's shared machinery: request gate (down, record, auth, QPS, faults), tasks, files.
 
 Every provider API is a `ProviderAPI` subclass that only knows its paths, field names,
-status words and error bodies; everything else happens here once for all of them.
+status words and error bodies; everything else happens here once for all of them,
+including the per-key caps on unfinished tasks (checked and taken in one step, with no
+await in between, so concurrent creates can never overshoot a cap).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler as WebHandler
 
+from ._limits import config_problem
 from ._png import make_png
 from ._state import (
     FAIL_MARKER,
@@ -31,6 +34,7 @@ from ._state import (
     Kind,
     Outcome,
     RecordedRequest,
+    RunningTasks,
     Stats,
     sized_for,
 )
@@ -82,15 +86,22 @@ def same_auth_text(text: str) -> Mapping[AuthFailure, str]:
     return {"missing": text, "malformed": text, "invalid": text}
 
 
-def bearer_problem(header: str | None, expected: str | None) -> AuthFailure | None:
+def bearer_token(header: str | None) -> str:
+    """The key of a `Bearer <key>` Authorization header, "" when there is none."""
+    scheme, _, token = (header or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def bearer_problem(
+    header: str | None, expected: str | None, revoked: Collection[str] = ()
+) -> AuthFailure | None:
     """Check an Authorization header; None when it carries an accepted Bearer key."""
     if not header:
         return "missing"
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(header)
+    if not token:
         return "malformed"
-    if expected is not None and token != expected:
+    if (expected is not None and token != expected) or token in revoked:
         return "invalid"
     return None
 
@@ -103,6 +114,7 @@ class Call:
     kind: Kind
     body: Any
     origin: str
+    key: str = ""  # the Bearer key ("" when none): caps and balances are per key
     drop_after: bool = False
 
 
@@ -113,6 +125,7 @@ class ProviderAPI:
     """Base of one provider's routes: its error body, texts and webhook plan."""
 
     provider: ClassVar[str] = ""
+    account: ClassVar[str] = ""  # whose caps and balance apply; Get3W v1 and v3 share one
     texts: ClassVar[Mapping[int, str]] = {}
     auth_texts: ClassVar[Mapping[AuthFailure, str]] = {}
 
@@ -146,6 +159,13 @@ class ProviderAPI:
         """Answer for an injected HTTP error; 429 and 503 carry Retry-After."""
         return self.error(status, headers=self.core.retry_after_header(status))
 
+    def capacity_refusal(self, active: int) -> web.Response:
+        """Answer to a create over the key's cap of tasks at once: 429 in the provider's words."""
+        return self.error(429, headers=self.core.capacity_headers())
+
+    def charge(self, call: Call) -> None:
+        """Take what an accepted create costs beyond nananobanana credits (default: nothing)."""
+
     def qps_limit(self) -> float | None:
         """Create requests allowed per sliding second, None for no limit."""
         return None
@@ -167,11 +187,16 @@ class Core:
     """Shared state of one emulator: config, counters, tasks, scripted faults."""
 
     def __init__(self, config: EmulatorConfig) -> None:
+        problem = config_problem(config)
+        if problem is not None:
+            raise ValueError(problem)
         self.config = config
         self.stats = Stats()
         self.requests: list[RecordedRequest] = []
         self.tasks: dict[str, EmuTask] = {}
         self.credits = config.credits
+        self.get3w_balance = dict(config.get3w_balance)
+        self._running: dict[tuple[str, str], RunningTasks] = {}
         self._scripts: dict[tuple[str, str], deque[str]] = {}
         self._fault_rng = random.Random(f"{config.seed}:faults")
         self._task_rng = random.Random(f"{config.seed}:tasks")
@@ -186,6 +211,10 @@ class Core:
         """An aiohttp handler: gate the request, run `handler`, turn Reply/Drop into answers."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            if api.provider in self.config.down:
+                # Like a refused connection: no answer, nothing recorded or counted but this.
+                self.stats.down_drops[api.provider] += 1
+                return drop_connection(request)
             try:
                 call = await self._admit(request, api, kind, auth)
                 return await handler(request, call)
@@ -206,7 +235,8 @@ class Core:
             self._check_auth(request, api)
         if kind == "create":
             self._check_qps(api, arrivals)
-        call = Call(api, kind, body, str(request.url.origin()))
+        key = bearer_token(request.headers.get("Authorization"))
+        call = Call(api, kind, body, str(request.url.origin()), key)
         if kind in ("create", "poll"):
             await self._apply_fault(call)
         return call
@@ -243,7 +273,9 @@ class Core:
 
     def _check_auth(self, request: web.Request, api: ProviderAPI) -> None:
         """Answer 401 in the provider's words unless the Bearer key is accepted."""
-        problem = bearer_problem(request.headers.get("Authorization"), self.expected_key(api.provider))
+        problem = bearer_problem(
+            request.headers.get("Authorization"), self.expected_key(api.provider), self.config.revoked_keys
+        )
         if problem is not None:
             raise api.fail(401, api.auth_texts[problem])
 
@@ -317,6 +349,16 @@ class Core:
                 self.stats.rate_limited[call.api.provider] += 1
             raise Reply(call.api.fault_response(status, call.kind))
 
+    def capacity_headers(self) -> dict[str, str] | None:
+        """The Retry-After header of a capacity refusal, when `capacity_retry_after` is set."""
+        value = self.config.capacity_retry_after
+        return None if value is None else {"Retry-After": f"{value:g}"}
+
+    def refuse_payment(self, api: ProviderAPI, status: int, text: str | None = None) -> Reply:
+        """Count a create refused for money and make its answer (402 credits, 403 balance)."""
+        self.stats.payment_refusals[api.provider] += 1
+        return api.fail(status, text)
+
     def retry_after_header(self, status: int) -> dict[str, str] | None:
         """The Retry-After header for a 429/503 answer, if configured."""
         value = self.config.faults.retry_after
@@ -352,11 +394,15 @@ class Core:
         credits_used: int = 0,
         aspect_ratio: object = None,
     ) -> EmuTask:
-        """Make, store and count a task; schedule its webhook; honour a drop-after fault.
+        """Take a slot of the key's cap, charge, then make, store and count a task;
+        schedule its webhook; honour a drop-after fault.
 
+        Over the cap nothing is made or charged: the provider's capacity refusal is raised.
         Its PNG has the requested `aspect_ratio`, the longer side of `config.image_size`.
         """
+        running = self._check_capacity(call)
         self.credits -= credits_used
+        call.api.charge(call)
         task = EmuTask(
             provider=call.api.provider,
             model=model,
@@ -372,6 +418,7 @@ class Core:
             remaining_credits=self.credits,
         )
         self.tasks[task_id] = task
+        self._occupy(call, running, task)
         self.stats.creates[task.provider] += 1
         if task.outcome != "completed":
             self.stats.failed_tasks.add(task_id)
@@ -381,6 +428,37 @@ class Core:
         if call.drop_after:
             raise Drop
         return task
+
+    def _check_capacity(self, call: Call) -> RunningTasks:
+        """The key's running tasks; raise the capacity refusal when they fill its cap."""
+        account = call.api.account
+        running = self._running.setdefault((account, call.key), RunningTasks())
+        cap = self.config.max_concurrent.get(account)
+        active = running.count(time.monotonic())
+        if cap is not None and active >= cap:
+            self.stats.capacity_refusals[call.api.provider] += 1
+            raise Reply(call.api.capacity_refusal(active))
+        return running
+
+    def _occupy(self, call: Call, running: RunningTasks, task: EmuTask) -> None:
+        """Count `task` against its key until it finishes, and keep the key's peak."""
+        running.add(task.finish_at)
+        peaks = self.stats.peak_running[call.api.account]
+        peaks[call.key] = max(peaks[call.key], running.count(task.created_at))
+
+    def running(self, account: str, key: str) -> int:
+        """Unfinished tasks of `key` on `account` right now."""
+        tasks = self._running.get((account, key))
+        return 0 if tasks is None else tasks.count(time.monotonic())
+
+    def running_now(self) -> dict[str, dict[str, int]]:
+        """Unfinished tasks right now, account -> key -> count (keys with none left out)."""
+        now = time.monotonic()
+        result: dict[str, dict[str, int]] = {}
+        for (account, key), tasks in self._running.items():
+            if count := tasks.count(now):
+                result.setdefault(account, {})[key] = count
+        return result
 
     def _duration(self, model: str, prompt: str) -> float:
         """A job's duration: model mean, spread uniformly, x10 for the slow marker."""

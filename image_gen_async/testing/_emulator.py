@@ -18,6 +18,21 @@ default) reshaped to the requested aspect ratio, its longer side kept (16:9 → 
 Faults: `emu.script(provider, kind, fault, times)` queues deterministic faults that
 take precedence over the random rates of `config.faults`. Random 5xx on polls picks
 500, 502 or 503. Errors use each provider's documented error body.
+
+Account limits (none by default; all changeable while serving):
+- `config.max_concurrent`: account ("get3w" for v1 and v3 together, "dh3",
+  "nananobanana") -> most unfinished tasks per Bearer key. A task counts from its
+  accepted create until its end (completed or failed); a create over the cap makes no
+  task and costs nothing (nananobanana 503 `server_busy` with `activeTasks`, Get3W 429,
+  dh3 code 429); counted in `stats.capacity_refusals`, peaks in `stats.peak_running`.
+- Money: `emu.credits` (nananobanana, 402 when short) and `emu.get3w_balance` (key ->
+  creates left, 403 at 0); refusals in `stats.payment_refusals`. Assign to top up.
+- `config.down`: providers (API names; get3w and get3w_v3 go down separately) whose
+  every request is met by a closed connection and no answer, counted only in
+  `stats.down_drops`; output files stay served.
+- `config.api_keys` / `config.revoked_keys`: 401 from the next request on.
+- A child process (`EmulatorProcess`) takes the same changes at `POST /_emulator/control`
+  (see `_limits.apply_control`); `GET` there shows them and what each key is running.
 """
 
 from __future__ import annotations
@@ -26,11 +41,12 @@ from types import TracebackType
 
 from aiohttp import web
 
-from ._core import Core
+from ._core import Core, json_response, read_json
+from ._limits import apply_control, control_problem, control_state
 from ._routes_dh3 import Dh3
 from ._routes_get3w import Get3WV1, Get3WV3
 from ._routes_nananobanana import NanaNanoBanana
-from ._state import EmulatorConfig, EmuTask, RecordedRequest, Stats
+from ._state import ACCOUNTS, EmulatorConfig, EmuTask, RecordedRequest, Stats
 
 #: Seconds `close()` lets in-flight requests (e.g. sync waits) finish before cancelling.
 SHUTDOWN_TIMEOUT = 0.5
@@ -52,12 +68,27 @@ class Emulator:
             app.router.add_routes(api_class(self._core).routes())
         app.router.add_get(r"/files/{task_id}/{index:\d+}.png", self._core.serve_file)
         app.router.add_get("/_emulator/stats", self._serve_stats)
+        app.router.add_get("/_emulator/control", self._serve_control)
+        app.router.add_post("/_emulator/control", self._control)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
     async def _serve_stats(self, request: web.Request) -> web.Response:
         """The counters, for tests and benchmarks that run the emulator in another process."""
         return web.json_response(self.stats.as_json())
+
+    async def _serve_control(self, request: web.Request) -> web.Response:
+        """The account limits in force and each key's running tasks."""
+        return json_response(control_state(self._core))
+
+    async def _control(self, request: web.Request) -> web.Response:
+        """Change account limits at runtime; 400 (nothing applied) on a bad body."""
+        body = await read_json(request)
+        problem = control_problem(body)
+        if problem is not None:
+            return json_response({"error": problem}, status=400)
+        apply_control(self._core, body)
+        return json_response(control_state(self._core))
 
     async def _on_cleanup(self, app: web.Application) -> None:
         """Stop webhook deliveries when the application is torn down anywhere."""
@@ -103,6 +134,19 @@ class Emulator:
     def credits(self, value: int) -> None:
         self._core.credits = value
 
+    @property
+    def get3w_balance(self) -> dict[str, int]:
+        """Get3W creates left per key (live: set an entry to top up; absent = unlimited)."""
+        return self._core.get3w_balance
+
+    @get3w_balance.setter
+    def get3w_balance(self, value: dict[str, int]) -> None:
+        self._core.get3w_balance = value
+
+    def running(self, provider: str, key: str) -> int:
+        """Unfinished tasks of `key` now on `provider`'s account (get3w_v3 counts as get3w)."""
+        return self._core.running(ACCOUNTS[provider], key)
+
     def script(self, provider: str, kind: str, fault: str, times: int = 1) -> None:
         """Queue `fault` ("500", "502", "503", "429", "drop_before", "drop_after",
         "non_json", "slow"; "drop" = "drop_before") for the next `times` requests."""
@@ -115,7 +159,8 @@ class Emulator:
     def reset_stats(self) -> None:
         """Zero the counters and forget recorded requests.
 
-        Tasks, credits and the dh3 QPS window (the server's view of the last second) are kept."""
+        Tasks, credits, balances, the tasks each key is running and the dh3 QPS window
+        (the server's view of the last second) are kept."""
         self._core.stats = Stats()
         self._core.requests.clear()
 

@@ -52,6 +52,18 @@ class EmulatorProcess:
             result: dict[str, Any] = await answer.json()
             return result
 
+    async def control(self, **changes: Any) -> dict[str, Any]:
+        """Change the child's account limits (`credits=5`, `max_concurrent={"dh3": 2}`, ...,
+        as `POST /_emulator/control` takes them); return the limits now in force."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.url}/_emulator/control", json=changes) as answer,
+        ):
+            if answer.status != 200:
+                raise ValueError((await answer.json())["error"])
+            result: dict[str, Any] = await answer.json()
+            return result
+
     async def close(self) -> None:
         """Stop the child (SIGTERM, then SIGKILL if it lingers)."""
         process, self._process = self._process, None

@@ -8,6 +8,9 @@ Choices where the document is silent:
   400 "invalid parameter: ...", 404 "task not found", 429 "rate limit exceeded".
 - The QPS limit counts every create request that arrived in the last second (rejected
   ones too), across all keys of the emulator.
+- Tasks at once (`max_concurrent["dh3"]`, per key; no cap by default): over it a create
+  is refused with code 429 "too many concurrent tasks" (as every dh3 error: HTTP 429, or
+  HTTP 200 under `dh3_errors_under_http_200`), and no task is made.
 - Output files are always PNG (`output_format: jpg` is accepted but not honoured).
 - Callbacks: exactly HTTP 200 ends delivery; otherwise 3 retries spaced by
   `dh3_callback_retry_delay`; no signature.
@@ -73,6 +76,7 @@ class Dh3(ProviderAPI):
     """The dh3 task API with its QPS limit and retried callbacks."""
 
     provider = "dh3"
+    account = "dh3"
     texts: ClassVar[Mapping[int, str]] = {
         400: "invalid parameter",
         403: "forbidden",
@@ -98,6 +102,10 @@ class Dh3(ProviderAPI):
     def http_status(self, status: int) -> int:
         """The code itself, or 200 when errors travel under HTTP 200."""
         return 200 if self.core.config.dh3_errors_under_http_200 else status
+
+    def capacity_refusal(self, active: int) -> web.Response:
+        """`{"code": 429, "message": "too many concurrent tasks"}`, sent as dh3 sends errors."""
+        return self.error(429, "too many concurrent tasks", self.core.capacity_headers())
 
     def qps_limit(self) -> float | None:
         """`dh3_qps` creates per sliding second."""

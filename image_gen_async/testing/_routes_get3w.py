@@ -10,6 +10,13 @@ Choices where the documents are silent:
   failure; `input` is the body as sent. The v3 callback is the prediction object,
   signed with `X-Get3W-Signature` when `webhook_secret` is set, sent once.
 - 401 texts: v1 as in its error-code list; v3 always "Invalid API key" (its seed).
+- Account limits: v1 and v3 are one account per key. `max_concurrent["get3w"]` caps the
+  unfinished tasks of both APIs together; over it a create gets the documented 429
+  "Rate limit exceeded" in that API's error body (with `Retry-After` only when
+  `capacity_retry_after` is set: the docs do not say it exists). `get3w_balance` gives
+  a key a number of creates (each accepted v1 or v3 create costs 1 unit, a failed task
+  is not refunded, a refused one costs nothing); at 0 a create gets 403 "Insufficient
+  balance". Keys without a balance are unlimited. The balance is checked before the cap.
 """
 
 from __future__ import annotations
@@ -74,7 +81,24 @@ def v1_timings(task: EmuTask) -> dict[str, int]:
     return timings
 
 
-class Get3WV1(ProviderAPI):
+class Get3WAccount(ProviderAPI):
+    """What both Get3W APIs share: one account per key, its cap and its balance."""
+
+    account = "get3w"
+
+    def require_balance(self, call: Call) -> None:
+        """Answer 403 "Insufficient balance" when the key's balance is used up."""
+        if self.core.get3w_balance.get(call.key, 1) <= 0:
+            raise self.core.refuse_payment(self, 403, "Insufficient balance")
+
+    def charge(self, call: Call) -> None:
+        """An accepted create costs the key one unit of its balance, if it has one."""
+        balances = self.core.get3w_balance
+        if call.key in balances:
+            balances[call.key] -= 1
+
+
+class Get3WV1(Get3WAccount):
     """`POST /v1/{provider_id}/{model_id}/{run_type}` and `GET /v1/requests/{id}`."""
 
     provider = "get3w"
@@ -101,6 +125,7 @@ class Get3WV1(ProviderAPI):
         body = call.body
         if not has_prompt(body) or not valid_channel(body.get("channel", "stable")):
             raise self.fail(400)
+        self.require_balance(call)
         model = "{provider_id}/{model_id}/{run_type}".format_map(request.match_info)
         webhook = request.query.get("webhook") or None
         task = self.core.create_task(
@@ -145,7 +170,7 @@ class Get3WV1(ProviderAPI):
         return WebhookPlan(self.provider, url, lambda: json_payload(self.result(task)))
 
 
-class Get3WV3(ProviderAPI):
+class Get3WV3(Get3WAccount):
     """`POST /api/v3/{model-id}` and `/api/v3/predictions/{id}` (GET, /result, DELETE)."""
 
     provider = "get3w_v3"
@@ -176,6 +201,7 @@ class Get3WV3(ProviderAPI):
         webhook = body.get("webhook_url") if isinstance(body, dict) else None
         if not has_prompt(body) or not isinstance(webhook, str | None):
             raise self.fail(400)
+        self.require_balance(call)
         model = request.match_info["model"]
         task_id = f"pred_{uuid.uuid4().hex}"
         task = self.core.create_task(

@@ -9,6 +9,13 @@ Choices where the documents are silent:
 - Injected 429: `{"error": "Too many requests"}`. Random 503s hit async creates only
   (the documented case); a scripted 503 hits any create. A 503 on a poll is
   `{"error": "Service unavailable"}`. A 401 is always `{"error": "Invalid API key"}`.
+- Tasks at once (`max_concurrent["nananobanana"]`, per key): a create over the cap gets the
+  documented 503 `server_busy` body with `activeTasks` = the key's unfinished tasks, and
+  no task and no charge (the doc's "credits refunded"). The doc names async mode only;
+  sync and stream creates run the same kind of task, so they get the same 503 (a
+  provider that queued or failed them silently would be a worse stand-in to test against).
+- Money: credits are checked before the cap (402 first), so an account out of credits
+  answers 402 even when it is also full; `credits` is one balance for every key.
 - Stream events carry `generationId` at top level (so a dropped stream can be polled);
   events: status (progress 0), status (progress 30, when running), then complete or
   error; a `: heartbeat` comment every 15 s while waiting.
@@ -85,6 +92,7 @@ class NanaNanoBanana(ProviderAPI):
     """The nananobanana generate API, its models list and credits."""
 
     provider = "nananobanana"
+    account = "nananobanana"
     texts: ClassVar[Mapping[int, str]] = {
         400: "Invalid request",
         402: "Insufficient credits",
@@ -116,6 +124,10 @@ class NanaNanoBanana(ProviderAPI):
             return json_response(BUSY_BODY, 503, self.core.retry_after_header(503))
         return super().fault_response(status, kind)
 
+    def capacity_refusal(self, active: int) -> web.Response:
+        """The documented server-busy 503, naming how many tasks the key has running."""
+        return json_response({**BUSY_BODY, "activeTasks": active}, 503, self.core.capacity_headers())
+
     def busy_allowed(self, body: Any) -> bool:
         """Random 503s only in async mode, as documented."""
         return isinstance(body, dict) and body.get("mode") == "async"
@@ -129,7 +141,7 @@ class NanaNanoBanana(ProviderAPI):
         model = body.get("selectedModel", DEFAULT_MODEL)
         cost = COSTS.get(model, 1)
         if self.core.credits < cost:
-            raise self.fail(402)
+            raise self.core.refuse_payment(self, 402)
         task_id = f"cl{secrets.token_hex(12)}"
         task = self.core.create_task(
             call,

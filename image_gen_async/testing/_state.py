@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 Provider = Literal["get3w", "get3w_v3", "dh3", "nananobanana"]
 PROVIDERS: tuple[str, ...] = ("get3w", "get3w_v3", "dh3", "nananobanana")
+#: The account each API bills and caps: Get3W's v1 and v3 are one account per key.
+ACCOUNTS: dict[str, str] = {
+    "get3w": "get3w",
+    "get3w_v3": "get3w",
+    "dh3": "dh3",
+    "nananobanana": "nananobanana",
+}
+ACCOUNT_NAMES: tuple[str, ...] = ("get3w", "dh3", "nananobanana")
 Kind = Literal["create", "poll", "file", "other"]
 Outcome = Literal["completed", "failed", "nsfw"]
 State = Literal["queued", "running", "completed", "failed"]
@@ -64,6 +73,12 @@ class EmulatorConfig:
     webhook_timeout: float = 5.0  # seconds the receiver has to answer one attempt
     dh3_callback_retry_delay: float = 0.05  # spacing of dh3's 3 callback retries
     record_requests: bool = True  # keep `Emulator.requests` (switch off for benchmarks)
+    # Account limits (see `_emulator`); the defaults impose none.
+    max_concurrent: dict[str, int] = field(default_factory=dict)  # account -> unfinished tasks per key
+    capacity_retry_after: float | None = None  # Retry-After on capacity refusals; None = no header
+    get3w_balance: dict[str, int] = field(default_factory=dict)  # Get3W key -> creates left (read once)
+    down: set[str] = field(default_factory=set)  # providers whose every request loses its connection
+    revoked_keys: set[str] = field(default_factory=set)  # Bearer keys refused with 401 by every provider
 
     def mean_duration(self, model: str) -> float:
         """Mean job duration of `model`, from `durations` or the default."""
@@ -75,6 +90,11 @@ def _counter() -> Counter[str]:
     return Counter()
 
 
+def _per_key() -> defaultdict[str, Counter[str]]:
+    """An account -> key -> count field (missing accounts and keys read 0)."""
+    return defaultdict(Counter)
+
+
 @dataclass
 class Stats:
     """What the emulator received and did, so tests can assert on it.
@@ -84,6 +104,10 @@ class Stats:
     `webhook_attempts` every POST tried; `faults_injected` is keyed (provider, kind, fault).
     `first_create_at` / `last_create_at` are the emulator's monotonic clock at the first
     and last create request, so a test can compute the rate the server saw.
+    `capacity_refusals` counts creates refused for a per-key cap (not in `rate_limited`),
+    `payment_refusals` those refused for money (402 credits, Get3W 403 balance),
+    `down_drops` requests dropped while their provider was down (not counted elsewhere);
+    `peak_running[account][key]` is the most unfinished tasks that key ever had at once.
     """
 
     creates: Counter[str] = field(default_factory=_counter)
@@ -99,6 +123,10 @@ class Stats:
     faults_injected: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     failed_tasks: set[str] = field(default_factory=set)
     downloads: int = 0
+    capacity_refusals: Counter[str] = field(default_factory=_counter)
+    payment_refusals: Counter[str] = field(default_factory=_counter)
+    down_drops: Counter[str] = field(default_factory=_counter)
+    peak_running: defaultdict[str, Counter[str]] = field(default_factory=_per_key)
 
     def as_json(self) -> dict[str, Any]:
         """The counters as plain JSON, for an emulator running in another process."""
@@ -115,6 +143,10 @@ class Stats:
             "webhooks_failed": dict(self.webhooks_failed),
             "failed_tasks": sorted(self.failed_tasks),
             "downloads": self.downloads,
+            "capacity_refusals": dict(self.capacity_refusals),
+            "payment_refusals": dict(self.payment_refusals),
+            "down_drops": dict(self.down_drops),
+            "peak_running": {account: dict(peaks) for account, peaks in self.peak_running.items()},
         }
 
 
@@ -227,3 +259,27 @@ class ArrivalWindow:
         while times[0] <= now - 1.0:
             times.popleft()
         return len(times)
+
+
+class RunningTasks:
+    """Finish times of one key's unfinished tasks, to count how many run at an instant.
+
+    A task counts from its accepted create until its finish time (completed or failed);
+    a deleted prediction keeps counting: its work was started and is not given back.
+    """
+
+    __slots__ = ("_ends",)
+
+    def __init__(self) -> None:
+        self._ends: list[float] = []
+
+    def count(self, now: float) -> int:
+        """How many tasks are unfinished at `now` (monotonic); forgets the finished ones."""
+        ends = self._ends
+        while ends and ends[0] <= now:
+            heapq.heappop(ends)
+        return len(ends)
+
+    def add(self, finish_at: float) -> None:
+        """A task accepted now that ends at `finish_at`."""
+        heapq.heappush(self._ends, finish_at)
