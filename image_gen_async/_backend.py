@@ -47,8 +47,14 @@ class LimiterBackend(Protocol):
         ``max_pause`` caps how long one ``Retry-After`` may hold the schedule.
         """
 
-    def gate(self, account: str, key_fingerprint: str, limit: int | None) -> CapacityGate:
-        """The capacity gate for one provider account and API key (``limit``: configured, or None)."""
+    def gate(
+        self, account: str, key_fingerprint: str, limit: int | None, *, pause: float, max_pause: float
+    ) -> CapacityGate:
+        """The capacity gate for one provider account and API key (``limit``: configured, or None).
+
+        ``pause`` (doubling up to ``max_pause``) is the wait after a refusal while nothing of
+        ours is in flight: others hold the key's capacity.
+        """
 
     def webhook_relay(self) -> WebhookRelay | None:
         """The relay between instances, or None when callbacks stay in this process."""
@@ -66,9 +72,11 @@ class LocalBackend:
         """An in-process ``RateLimiter``."""
         return RateLimiter(rate, margin=margin, max_pause=max_pause)
 
-    def gate(self, account: str, key_fingerprint: str, limit: int | None) -> CapacityGate:
+    def gate(
+        self, account: str, key_fingerprint: str, limit: int | None, *, pause: float, max_pause: float
+    ) -> CapacityGate:
         """An in-process ``LocalGate``."""
-        return LocalGate(account, limit)
+        return LocalGate(account, limit, pause=pause, max_pause=max_pause)
 
     def webhook_relay(self) -> WebhookRelay | None:
         """No relay: a callback must reach the session that submitted the job."""

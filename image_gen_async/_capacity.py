@@ -83,8 +83,11 @@ class CapacityGate(Protocol):
 class LocalGate:
     """The capacity gate of one provider key in this process."""
 
-    def __init__(self, name: str, limit: int | None) -> None:
+    def __init__(
+        self, name: str, limit: int | None, *, pause: float = IDLE_PAUSE, max_pause: float = MAX_IDLE_PAUSE
+    ) -> None:
         self.name = name
+        self._pause_base, self._max_pause = pause, max_pause
         self.limit = limit  # configured cap, or None (learned)
         self.window: int = limit if limit is not None else INITIAL_WINDOW
         self.in_flight = 0
@@ -93,7 +96,7 @@ class LocalGate:
         self._grown = 0  # accepted creates since the window last changed
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._paused_until = 0.0
-        self._pause = IDLE_PAUSE
+        self._pause = pause
         self._wake: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -134,7 +137,7 @@ class LocalGate:
         return Slot(self)
 
     def accepted(self) -> None:
-        self._pause = IDLE_PAUSE
+        self._pause = self._pause_base
         if self.limit is not None and self.window >= self.limit:
             return
         self._grown += 1
@@ -152,8 +155,8 @@ class LocalGate:
         if ours <= 0 or window <= 0:
             # Nothing of ours holds the key's capacity: others do. Wait, then try one again.
             loop = asyncio.get_running_loop()
-            pause = retry_after if retry_after is not None else self._pause
-            self._pause = min(MAX_IDLE_PAUSE, self._pause * 2)
+            pause = min(retry_after, self._max_pause) if retry_after is not None else self._pause
+            self._pause = min(self._max_pause, self._pause * 2)
             self._paused_until = loop.time() + pause
             if self._wake is None:
                 self._wake = loop.call_at(self._paused_until, self._resume)

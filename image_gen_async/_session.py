@@ -22,9 +22,9 @@ from ._polling import PollSettings
 from ._ratelimit import Limiter
 from ._transport import Secret, Target
 from .download import DEFAULT_MAX_BYTES, download_result
-from .errors import APIError, ConfigurationError, InvalidRequestError
-from .models import TaskResult, TaskStatus
-from .providers import CODECS, FALLBACK_CLIENT, Snapshot
+from .errors import APIError, ConfigurationError, InvalidRequestError, NotSupportedError
+from .models import ModelInfo, TaskResult, TaskStatus
+from .providers import CODECS, FALLBACK_CLIENT, HttpRequest, Snapshot
 from .webhooks import WebhookReceiver
 
 # Get3W's webhook signing secret (v3 signs with X-Get3W-Signature).
@@ -78,6 +78,25 @@ class ProviderClient:
     def remaining_credits(self) -> float | None:
         """The account's credits as the provider last reported them (nananobanana), or None."""
         return self._target.account.remaining_credits
+
+    async def credits(self) -> float:
+        """The account's balance (nananobanana ``GET /api/v1/credits``); ``NotSupportedError`` elsewhere."""
+        target = self._ready_target()
+        request = self._supported(target.codec.credits_request(), "credits")
+        credits = await self._session._engine.read(target, request, target.codec.read_credits)
+        target.account.remaining_credits = credits
+        return credits
+
+    async def models(self) -> tuple[ModelInfo, ...]:
+        """The provider's models (nananobanana ``GET /api/v1/models``); ``NotSupportedError`` elsewhere."""
+        target = self._ready_target()
+        request = self._supported(target.codec.models_request(), "models")
+        return await self._session._engine.read(target, request, target.codec.read_models)
+
+    def _supported(self, request: HttpRequest | None, call: str) -> HttpRequest:
+        if request is None:
+            raise NotSupportedError(f"{self.name} has no {call} call in its API")
+        return request
 
     def check_ready(self) -> None:
         """Raise ``ConfigurationError`` now if this client has no key or the session is closed.
@@ -260,10 +279,15 @@ def _clean_key(label: str, value: object) -> str:
     return _config.api_key(label, value)
 
 
-def _gate(backend: LimiterBackend, account: str, fingerprint: str, limit: int | None) -> CapacityGate:
+def _gate(
+    backend: LimiterBackend, account: str, fingerprint: str, limit: int | None, pause: float, max_pause: float
+) -> CapacityGate:
     """The backend's capacity gate; an in-process one for a backend that makes none."""
     make = getattr(backend, "gate", None)
-    return make(account, fingerprint, limit) if make is not None else LocalGate(account, limit)
+    if make is None:
+        return LocalGate(account, limit, pause=pause, max_pause=max_pause)
+    gate: CapacityGate = make(account, fingerprint, limit, pause=pause, max_pause=max_pause)
+    return gate
 
 
 def _key_fingerprint(key: str) -> str:
@@ -377,7 +401,8 @@ class AsyncSession:
             account_key = (fallback or name, limiter_key[1])
             if account_key not in accounts:
                 limit = caps.get(fallback or name) if (fallback or name) in caps else caps.get(name)
-                accounts[account_key] = Account(account_key[0], _gate(self._backend, *account_key, limit))
+                gate = _gate(self._backend, *account_key, limit, retry_base, retry_cap)
+                accounts[account_key] = Account(account_key[0], gate)
             target = Target(
                 name, codec, url, Secret(key) if key else None, limiters[limiter_key], accounts[account_key]
             )

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..errors import InvalidRequestError
-from ..models import TaskResult, TaskStatus, structure
+from ..errors import InvalidRequestError, ProtocolError
+from ..models import ModelInfo, TaskResult, TaskStatus, structure
 from ._base import (
     Codec,
     ErrorReport,
@@ -33,6 +33,7 @@ from ._base import (
     Snapshot,
     error_report,
     merge_params,
+    number,
     require_prompt,
     urls_as_outputs,
     whole_number,
@@ -119,6 +120,8 @@ class NananobananaCodec(Codec):
             raw=body,
             outputs=urls_as_outputs(answer.imageUrls),
             error=answer.error or answer.message,
+            credits_used=number(body.get("creditsUsed")),
+            remaining_credits=number(body.get("remainingCredits")),
         )
 
     def poll_request(self, task_id: str, model: str) -> HttpRequest:
@@ -135,6 +138,41 @@ class NananobananaCodec(Codec):
             raw=body,
             outputs=urls_as_outputs(record.outputImageUrls),
             error=record.errorMessage,
+            credits_used=number(body["data"].get("creditsUsed")),
+        )
+
+    def credits_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/api/v1/credits")
+
+    def read_credits(self, body: Any) -> float:
+        """``{"data": {"credits": N}}``; the bare ``{"credits": N}`` is read too."""
+        data = body.get("data", body) if isinstance(body, Mapping) else None
+        credits: float | None = number(data.get("credits")) if isinstance(data, Mapping) else None
+        if credits is None:
+            field = "$.data.credits"
+            raise ProtocolError(f"{self.name}: required field missing @ {field}", field=field)
+        return credits
+
+    def models_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/api/v1/models")
+
+    def read_models(self, body: Any) -> tuple[ModelInfo, ...]:
+        """``{"data": [{name, displayName, creditsCost, ...}]}``; entries without a name are skipped."""
+        data = body.get("data") if isinstance(body, Mapping) else None
+        if not isinstance(data, list):
+            raise ProtocolError(f"{self.name}: required field missing @ $.data", field="$.data")
+        return tuple(
+            ModelInfo(
+                name=item["name"],
+                display_name=_text(item.get("displayName")),
+                credits_cost=number(item.get("creditsCost")),
+                supports_image_input=_flag(item.get("supportsImageInput")),
+                supports_aspect_ratio=_flag(item.get("supportsAspectRatio")),
+                requires_pro=_flag(item.get("requiresPro")),
+                raw=item,
+            )
+            for item in data
+            if isinstance(item, Mapping) and isinstance(item.get("name"), str) and item["name"]
         )
 
     def content_policy(self, result: TaskResult) -> bool:
@@ -157,3 +195,11 @@ class NananobananaCodec(Codec):
             return None
         code = fields.get("type") or fields.get("code")
         return error_report(http_status, code, fields.get("error") or fields.get("message"))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None

@@ -1,0 +1,295 @@
+"""Account limits: the capacity gate, account stops and credits, against the emulator's caps."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from image_gen_async import (
+    AdmissionTimeoutError,
+    AsyncSession,
+    AuthenticationError,
+    NotSupportedError,
+    PaymentRequiredError,
+    PermissionDeniedError,
+    PollSettings,
+    ServerError,
+)
+from image_gen_async._capacity import GROWTH_PER_WINDOW, INITIAL_WINDOW, LocalGate
+from image_gen_async.testing import Emulator, EmulatorProcess
+
+from .conftest import KEYS, MODELS, SessionFactory
+
+NANO = "nano-banana"
+QUICK = PollSettings(first_poll=0.005, min_interval=0.002, max_interval=0.05)
+
+
+def peak(emulator: Emulator, account: str) -> int:
+    return max(emulator.stats.peak_running[account].values(), default=0)
+
+
+# The gate on its own.
+
+
+async def test_a_configured_gate_admits_up_to_its_limit_then_first_come_first_served() -> None:
+    gate = LocalGate("nananobanana", 2)
+    first, second = await gate.admit(None), await gate.admit(None)
+    order: list[int] = []
+
+    async def wait(n: int) -> None:
+        slot = await gate.admit(None)
+        order.append(n)
+        slot.release()
+
+    waiters = [asyncio.ensure_future(wait(n)) for n in range(3)]
+    await asyncio.sleep(0)
+    assert order == [] and gate.in_flight == 2
+    first.release()
+    second.release()
+    await asyncio.gather(*waiters)
+    assert order == [0, 1, 2] and gate.in_flight == 0
+
+
+async def test_a_waiter_out_of_deadline_or_cancelled_takes_no_place() -> None:
+    gate = LocalGate("get3w", 1)
+    held = await gate.admit(None)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(AdmissionTimeoutError, match="nothing was sent"):
+        await gate.admit(loop.time() + 0.01)
+    cancelled = asyncio.ensure_future(gate.admit(None))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    after = asyncio.ensure_future(gate.admit(None))
+    held.release()
+    (await after).release()
+    assert gate.in_flight == 0
+
+
+async def test_a_place_handed_to_a_waiter_cancelled_meanwhile_goes_to_the_next() -> None:
+    gate = LocalGate("dh3", 1)
+    held = await gate.admit(None)
+    first = asyncio.ensure_future(gate.admit(None))
+    second = asyncio.ensure_future(gate.admit(None))
+    await asyncio.sleep(0)
+    held.release()  # the place goes to `first`...
+    first.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    (await second).release()
+    assert gate.in_flight == 0
+
+
+async def test_a_learned_window_doubles_until_a_refusal_then_grows_slowly() -> None:
+    gate = LocalGate("nananobanana", None)
+    assert gate.window == INITIAL_WINDOW
+    slots = [await gate.admit(None) for _ in range(INITIAL_WINDOW)]
+    for _ in slots:
+        gate.accepted()
+    assert gate.window == 2 * INITIAL_WINDOW
+    refused = await gate.admit(None)
+    gate.refused(refused, active=None, retry_after=None)  # 8 in flight: the cap is 8
+    assert gate.window == INITIAL_WINDOW and gate.refusals == 1
+    slots[0].release()
+    slots[0] = await gate.admit(None)
+    for _ in range(GROWTH_PER_WINDOW * INITIAL_WINDOW - 1):
+        gate.accepted()
+    assert gate.window == INITIAL_WINDOW
+    gate.accepted()
+    assert gate.window == INITIAL_WINDOW + 1
+
+
+async def test_active_tasks_can_shrink_the_window_below_what_is_in_flight() -> None:
+    gate = LocalGate("nananobanana", None)
+    slots = [await gate.admit(None) for _ in range(6)]
+    gate.refused(slots.pop(), active=3, retry_after=None)  # other processes hold some of the cap
+    assert gate.window == 3
+
+
+async def test_a_refusal_with_nothing_in_flight_pauses_then_tries_one() -> None:
+    gate = LocalGate("get3w", None)
+    loop = asyncio.get_running_loop()
+    gate.refused(await gate.admit(None), active=None, retry_after=0.05)
+    started = loop.time()
+    (await gate.admit(None)).release()
+    assert loop.time() - started >= 0.04 and gate.window == 1
+
+
+# Against the emulator's caps: thousands of jobs wait their turn instead of failing.
+
+
+async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete() -> None:
+    """The cap learned from refusals and kept full; the emulator in its own process (its own core)."""
+    jobs, cap, duration = 1000, 10, 0.05
+    args = ("--duration", str(duration), "--max-concurrent", f"nananobanana={cap}", "--no-record")
+    async with EmulatorProcess(*args) as emulator:
+        async with AsyncSession(
+            api_keys={"nananobanana": KEYS["nananobanana"]},
+            base_urls={"nananobanana": emulator.url},
+            polling=QUICK,
+            retry_base=0.01,
+            retry_cap=0.05,
+        ) as session:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            handles = await asyncio.gather(
+                *(session.nananobanana.submit(NANO, prompt=f"f{i}") for i in range(jobs))
+            )
+            results = await asyncio.gather(*handles)
+            elapsed = loop.time() - started
+        stats = await emulator.stats()
+    assert all(result.ok for result in results)
+    assert stats["creates"]["nananobanana"] == jobs
+    assert stats["capacity_refusals"].get("nananobanana", 0) <= 0.05 * jobs
+    assert max(stats["peak_running"]["nananobanana"].values()) <= cap
+    assert elapsed <= 1.15 * jobs * duration / cap, elapsed
+
+
+async def test_get3w_429_cap_learned_the_same_way(make_session: SessionFactory, emulator: Emulator) -> None:
+    jobs, cap = 300, 20
+    emulator.config.duration = 0.02
+    emulator.config.max_concurrent = {"get3w": cap}
+    session = make_session(polling=QUICK)
+    handles = await asyncio.gather(
+        *(session.get3w.submit(MODELS["get3w"], prompt=f"f{i}") for i in range(jobs))
+    )
+    assert all(result.ok for result in await asyncio.gather(*handles))
+    assert emulator.stats.creates["get3w"] == jobs
+    assert emulator.stats.capacity_refusals["get3w"] <= 0.05 * jobs
+    assert all(handle.retries == 0 for handle in handles)
+
+
+async def test_a_configured_cap_is_never_exceeded(make_session: SessionFactory, emulator: Emulator) -> None:
+    emulator.config.duration = 0.02
+    emulator.config.max_concurrent = {"nananobanana": 4}
+    session = make_session(polling=QUICK, max_concurrent={"nananobanana": 4})
+    handles = await asyncio.gather(*(session.nananobanana.submit(NANO, prompt=f"f{i}") for i in range(60)))
+    assert all(result.ok for result in await asyncio.gather(*handles))
+    assert emulator.stats.capacity_refusals["nananobanana"] == 0 and peak(emulator, "nananobanana") == 4
+
+
+async def test_sync_generate_holds_its_slot_while_it_runs(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    emulator.config.duration = 0.02
+    session = make_session(polling=QUICK, max_concurrent={"nananobanana": 3})
+    results = await asyncio.gather(*(session.nananobanana.generate(NANO, prompt=f"f{i}") for i in range(24)))
+    assert all(result.ok for result in results)
+    assert peak(emulator, "nananobanana") == 3 and session.nananobanana.capacity.in_flight == 0
+
+
+async def test_waiting_for_capacity_is_bounded_by_the_jobs_deadline(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    emulator.config.duration = 5.0
+    session = make_session(max_concurrent={"dh3": 1})
+    running = await session.dh3.submit(MODELS["dh3"], prompt="long")
+    with pytest.raises(AdmissionTimeoutError):
+        await session.dh3.submit(MODELS["dh3"], prompt="waits", timeout=0.1)
+    waiting = asyncio.ensure_future(session.dh3.submit(MODELS["dh3"], prompt="cancelled"))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert emulator.stats.create_requests["dh3"] == 1
+    running.cancel()
+    assert session.dh3.capacity.in_flight == 0
+
+
+async def test_a_resumed_task_holds_a_place(make_session: SessionFactory, emulator: Emulator) -> None:
+    emulator.config.duration = 0.05
+    first = make_session(polling=QUICK)
+    handle = await first.dh3.submit(MODELS["dh3"], prompt="a fox")
+    second = make_session(polling=QUICK, max_concurrent={"dh3": 1})
+    resumed = second.dh3.resume(handle.task_id, MODELS["dh3"])
+    assert second.dh3.capacity.in_flight == 1
+    assert (await resumed).ok and second.dh3.capacity.in_flight == 0
+
+
+# Account stops: one answer that says the key cannot work stops every create of that key.
+
+
+async def test_out_of_credits_stops_the_key_and_fails_the_waiting_creates_at_once(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    emulator.credits = 5
+    session = make_session(polling=QUICK)
+    outcomes = await asyncio.gather(
+        *(session.nananobanana.submit(NANO, prompt=f"f{i}") for i in range(40)), return_exceptions=True
+    )
+    accepted = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, PaymentRequiredError)]
+    assert len(accepted) == 5 and len(refused) == 35
+    assert emulator.stats.creates["nananobanana"] == 5
+    assert emulator.stats.payment_refusals["nananobanana"] <= INITIAL_WINDOW  # the first round only
+    assert isinstance(session.nananobanana.blocked, PaymentRequiredError)
+    before = emulator.stats.create_requests["nananobanana"]
+    with pytest.raises(PaymentRequiredError):
+        await session.nananobanana.submit(NANO, prompt="later")
+    assert emulator.stats.create_requests["nananobanana"] == before  # nothing sent
+    assert all([(await handle).ok for handle in accepted])  # what was in flight finishes
+    emulator.credits = 10
+    session.nananobanana.unblock()
+    assert (await (await session.nananobanana.submit(NANO, prompt="after a top-up"))).ok
+
+
+@pytest.mark.parametrize(
+    ("setup", "error"),
+    [
+        ("revoked", AuthenticationError),
+        ("balance", PermissionDeniedError),
+    ],
+)
+async def test_a_revoked_key_or_no_balance_stops_both_get3w_apis(
+    make_session: SessionFactory, emulator: Emulator, setup: str, error: type[Exception]
+) -> None:
+    assert emulator.config.api_keys is not None
+    emulator.config.api_keys.pop("get3w_v3")  # one Get3W account: v3 takes v1's key
+    if setup == "revoked":
+        emulator.config.revoked_keys = {KEYS["get3w"]}
+    else:
+        emulator.get3w_balance[KEYS["get3w"]] = 0
+    session = make_session(api_keys={name: key for name, key in KEYS.items() if name != "get3w_v3"})
+    with pytest.raises(error):
+        await session.get3w.submit(MODELS["get3w"], prompt="a fox")
+    with pytest.raises(error):
+        await session.get3w_v3.submit(MODELS["get3w_v3"], prompt="a fox")
+    assert emulator.stats.create_requests["get3w"] == 1 and emulator.stats.create_requests["get3w_v3"] == 0
+    assert isinstance(session.get3w_v3.blocked, error)
+
+
+async def test_a_5xx_storm_does_not_open_the_circuit(
+    make_session: SessionFactory, emulator: Emulator
+) -> None:
+    emulator.script("dh3", "create", "503", times=3)
+    session = make_session()
+    assert (await (await session.dh3.submit(MODELS["dh3"], prompt="a fox"))).ok
+    assert session.dh3.blocked is None
+    emulator.script("dh3", "create", "500")
+    with pytest.raises(Exception) as caught:
+        await session.dh3.submit(MODELS["dh3"], prompt="a fox")
+    assert not isinstance(caught.value, ServerError | PaymentRequiredError) and session.dh3.blocked is None
+
+
+# Credits.
+
+
+async def test_credits_models_and_what_each_task_cost(session: Any, emulator: Emulator) -> None:
+    emulator.credits = 50
+    assert await session.nananobanana.credits() == 50
+    models = await session.nananobanana.models()
+    assert {model.name for model in models} >= {"nano-banana", "nano-banana-pro"}
+    assert next(model for model in models if model.name == "nano-banana").credits_cost == 1
+    handle = await session.nananobanana.submit(NANO, prompt="a fox")
+    result = await handle
+    assert result.credits_used == 1 and session.nananobanana.remaining_credits == 49
+    synced = await session.nananobanana.generate("nano-banana-pro", prompt="a fox")
+    assert synced.credits_used == 2
+    for name in ("dh3", "get3w", "get3w_v3"):
+        with pytest.raises(NotSupportedError):
+            await session.client(name).credits()
+        with pytest.raises(NotSupportedError):
+            await session.client(name).models()
