@@ -6,7 +6,7 @@ refusals, so every create first takes a slot here, and a task holds it from its 
 until its handle is done (a sync ``generate()`` holds it while its request runs).
 
 The window is the configured ``max_concurrent``, or learned: it starts small and grows by
-one per accepted create (doubling per round trip) until the first refusal; a refusal
+half per round of accepted creates until the first refusal; a refusal
 shrinks it to what is in flight (or to ``activeTasks`` when the server says fewer), so new
 creates wait until a task of that key finishes; after that it grows by one per
 ``GROWTH_PER_WINDOW`` windows of accepted creates, a slow probe for a raised cap. Waiters
@@ -30,10 +30,13 @@ log = logging.getLogger("image_gen_async")
 
 # Answers that say the account cannot run anything now: invalid key, no credits, no balance/access.
 ACCOUNT_STOPS = frozenset({401, 402, 403})
-# A learned window starts here and doubles per round of accepted creates until a refusal.
+# A learned window starts here and grows by half per round of accepted creates until a refusal
+# (by one per SLOW_START accepted creates): the creates already on the wire when the first
+# refusal comes back overshoot the cap by at most half of it.
 INITIAL_WINDOW = 8
+SLOW_START = 2
 # Once a refusal has shown the cap, the window grows by one per this many windows of creates.
-GROWTH_PER_WINDOW = 4
+GROWTH_PER_WINDOW = 8
 # A refusal while nothing of ours is in flight (others use the key): wait this long, doubling.
 IDLE_PAUSE = 0.5
 MAX_IDLE_PAUSE = 30.0
@@ -61,6 +64,11 @@ class CapacityGate(Protocol):
 
     async def admit(self, deadline: float | None) -> Slot:
         """Wait (FIFO) for a place; ``AdmissionTimeoutError`` once the loop clock passes ``deadline``."""
+        ...
+
+    @property
+    def waiting(self) -> bool:
+        """True while creates wait for a place (their jobs' polls then come closer together)."""
         ...
 
     def accepted(self) -> None:
@@ -132,6 +140,10 @@ class LocalGate:
             raise
         return Slot(self)
 
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiters)
+
     def occupy(self) -> Slot:
         self.in_flight += 1
         return Slot(self)
@@ -141,7 +153,7 @@ class LocalGate:
         if self.limit is not None and self.window >= self.limit:
             return
         self._grown += 1
-        if self._learning or self._grown >= GROWTH_PER_WINDOW * self.window:
+        if self._grown >= (SLOW_START if self._learning else GROWTH_PER_WINDOW * self.window):
             self._grown = 0
             self.window += 1
             self._serve()

@@ -45,6 +45,8 @@ class Follow:
         self.engine = engine
         self.settings = engine.settings
         self.planner = PollPlanner(engine.settings.polling.history)
+        polling = engine.settings.polling
+        self.keen = attrs.evolve(polling, growth=polling.growth / 2, min_interval=polling.min_interval / 2)
         self.followers: set[Follower] = set()
 
     def start(
@@ -259,7 +261,9 @@ class Follower:
             if now >= self.deadline:
                 raise self._late(now)
             follow = self._follow
-            settings = follow.settings.polling
+            # While creates wait for this key's capacity, a job seen done late keeps a slot
+            # idle: its polls come at half the growth.
+            settings = follow.keen if self._target.account.gate.waiting else follow.settings.polling
             age = follow.planner.next_poll_age(
                 self._key, self._handle.estimated_duration, self._last_poll, settings
             )
