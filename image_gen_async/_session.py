@@ -330,6 +330,7 @@ class AsyncSession:
         limiter_backend: LimiterBackend | None = None,
         env: Mapping[str, str] | None = None,
         max_concurrent: Mapping[str, int | None] | None = None,
+        download_timeout: float = 600.0,
     ) -> None:
         # Every value is checked here, before a limiter or connection exists: a bad one is a
         # ConfigurationError naming it, never a paid create that fails afterwards.
@@ -378,6 +379,7 @@ class AsyncSession:
                 retry_base=retry_base,
                 retry_cap=retry_cap,
                 polling=_config.poll_settings(polling),
+                download_timeout=_config.positive_number("download_timeout", download_timeout),
             )
         )
         self._follow = Follow(self._engine)
