@@ -579,6 +579,9 @@ class _Batch:
                         await asyncio.sleep(0)  # let running jobs progress while skipping
                     continue
                 await slots.acquire()
+                if self.gate.stopped:  # it stopped while this job waited for a slot
+                    slots.release()
+                    break
                 task = asyncio.create_task(self.run(job), name=f"image_gen_async batch job {line}")
                 running.add(task)
                 task.add_done_callback(release)
@@ -748,7 +751,9 @@ class _Batch:
                 if outcome in ("uncertain", "failed"):
                     raise
                 self._unsent(job.line)
-                if outcome == "stop":
+                if isinstance(error, JOURNAL_FAILURES):
+                    self.gate.stop(f"the journal could not be written: {_describe(error)}")
+                elif outcome == "stop":
                     self.gate.stop(_describe(error))
                 else:
                     self.gate.not_sent(round_, job.line, error)
