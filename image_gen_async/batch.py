@@ -268,19 +268,29 @@ class _ResultsFile:
     """results.jsonl, cut back to what the journal committed, then appended line by line."""
 
     def __init__(self, path: Path, committed: int) -> None:
-        self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed by close()
+        # Unbuffered: a write that fails (disk full) leaves nothing behind to be flushed later.
+        self._file: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         self._descriptor = self._file.fileno()
-        if self._file.tell() > committed:
+        self._size = self._file.seek(0, os.SEEK_END)
+        if self._size > committed:
             # Lines written after the journal's last commit belong to jobs the journal will
             # run again: drop them so no job gets two lines for one outcome.
             self._file.truncate(committed)
-            self._file.seek(committed)
+            self._size = committed
 
     def append(self, record: Mapping[str, Any]) -> int:
-        """Write one line and flush it; the file size after it."""
-        self._file.write(encode_record(record) + b"\n")
-        self._file.flush()
-        return self._file.tell()
+        """Write one whole line; the file size after it. A line that cannot be written whole
+        (disk full) is cut off again, so the next line never runs into a torn one."""
+        line = memoryview(encode_record(record) + b"\n")
+        try:
+            while line:
+                line = line[self._file.write(line) or 0 :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._descriptor, self._size)
+            raise
+        self._size = self._file.tell()
+        return self._size
 
     def durable(self) -> None:
         """fsync what was appended (blocking; safe from a worker thread while lines are added)."""

@@ -10,12 +10,14 @@ import logging
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import pytest
 
 from image_gen_async import ConfigurationError
@@ -206,3 +208,79 @@ async def test_a_failed_creating_commit_sends_nothing_and_leaves_the_job_pending
     again = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path)
     assert (again.done, again.uncertain, again.created) == (3, 0, 3)
     assert emulator.stats.creates["dh3"] == 3
+
+
+# --- a real full disk -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs the right to mount, as root in CI; skipped elsewhere)."""
+    point = tmp_path / "small"
+    point.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs the right to mount a small tmpfs")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the filesystem has no byte left."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(descriptor, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@pytest.fixture
+async def filling_provider(small_disk: Path) -> AsyncIterator[tuple[str, list[str]]]:
+    """A dh3 look-alike that fills the disk while it makes the task, then answers with its id."""
+    made: list[str] = []
+
+    async def create(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        fill(small_disk / "filler")
+        made.append(f"paid-{len(made) + 1}")
+        return aiohttp.web.json_response({"code": 200, "message": "ok", "task_id": made[-1]})
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/api/v1/task/create", create)
+    runner = aiohttp.web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", made
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_disk_full_after_the_create_was_answered_names_the_task_in_the_log(
+    make_session: SessionFactory,
+    emulator: Emulator,
+    small_disk: Path,
+    filling_provider: tuple[str, list[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, made = filling_provider
+    out = small_disk / "out"
+    session = make_session(base_urls={"dh3": url})
+    with caplog.at_level(logging.ERROR, "image_gen_async"):
+        stats = await run_batch(session, "dh3", DH3, prompts(3), out_dir=out, concurrency=1)
+    assert made == ["paid-1"] and stats.stopped is not None and "journal" in stats.stopped
+    logged = [r.getMessage() for r in caplog.records if "paid-1" in r.getMessage()]
+    assert logged and all(word in logged[0] for word in ("dh3", DH3, "paid for"))
+    assert results(out) == []  # nothing torn left behind: the line could not be written whole
+
+    (small_disk / "filler").unlink()  # space freed; the rest of the batch runs on
+    again = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=out)
+    assert (again.done, again.uncertain, again.created) == (2, 1, 2)
+    assert emulator.stats.creates["dh3"] == 2 and made == ["paid-1"]
