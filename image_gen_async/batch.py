@@ -484,6 +484,10 @@ class _Settled(Exception):
     """The job's outcome is already recorded (or logged); nothing more to do for it."""
 
 
+class _Left(Exception):
+    """The batch stopped while the job's task ran: no longer followed, a rerun polls it."""
+
+
 class _Gate:
     """Where every create waits while the batch is paused, and learns that it stopped.
 
@@ -499,6 +503,7 @@ class _Gate:
         self._open = asyncio.Event()
         self._open.set()
         self._timer: asyncio.TimerHandle | None = None
+        self._watchers: set[Callable[[], None]] = set()
 
     @property
     def stopped(self) -> bool:
@@ -510,6 +515,13 @@ class _Gate:
         if self.stopped:
             raise _Held
         return self.round
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the batch stops (until ``unwatch``)."""
+        self._watchers.add(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        self._watchers.discard(callback)
 
     def sent(self) -> None:
         """A create got through: the outage, if any, is over."""
@@ -544,6 +556,8 @@ class _Gate:
         if self._timer is not None:
             self._timer.cancel()
         self._open.set()  # wake the waiting jobs: they see the stop and leave
+        for callback in list(self._watchers):
+            callback()
 
 
 def _describe(error: BaseException) -> str:
@@ -663,6 +677,9 @@ class _Batch:
             self.stats.pending += 1
         except _Settled:
             pass
+        except _Left:
+            log.info("batch job %d left for a rerun to poll: the batch stopped", job.line)
+            self.stats.unfinished += 1
         except JOURNAL_FAILURES as error:
             log.error("batch job %d: the journal or output directory failed: %s", job.line, _describe(error))
             self.gate.stop(f"the journal or output directory failed: {_describe(error)}")
@@ -729,7 +746,7 @@ class _Batch:
                 timeout=self.options.timeout,
             )
             try:
-                return await handle
+                return await self._follow(handle)
             except (TaskFailedError, NotFoundError):
                 if not job.create_if_lost:
                     raise
@@ -737,7 +754,28 @@ class _Batch:
         handle = await self._create(job)
         self.stats.created += 1
         self._record_task(job, handle)
-        return await handle
+        return await self._follow(handle)
+
+    async def _follow(self, handle: TaskHandle) -> TaskResult:
+        """The handle's result, unless the batch stops first: then its polling ends (an outage
+        would keep it retrying until its deadline) and the task, journaled, waits for a rerun."""
+        if not self.gate.stopped:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake(*_: object) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            handle.add_done_callback(wake)
+            self.gate.watch(wake)
+            try:
+                await waiter
+            finally:
+                self.gate.unwatch(wake)
+        if not handle.done():
+            handle.cancel()
+            raise _Left
+        return handle.result()
 
     async def _create(self, job: _Job) -> TaskHandle:
         """Send job's create once the gate is open; back to ``pending`` whenever it was not sent.
@@ -747,7 +785,11 @@ class _Batch:
         """
         while True:
             round_ = await self.gate.enter()
-            self.journal.pending(job.line, job.spec_hash)
+            try:
+                self.journal.pending(job.line, job.spec_hash)
+            except JOURNAL_FAILURES as error:
+                self.gate.stop(f"the journal could not be written: {_describe(error)}")
+                raise _Held from error
             try:
                 handle = await self.client.submit(
                     self.model,

@@ -158,3 +158,22 @@ async def test_a_revoked_key_stops_the_batch_instead_of_failing_every_job(
     again = await run_batch(make_session(), "dh3", DH3, prompts(6), out_dir=tmp_path)
     assert (again.done, again.created) == (6, 6) and emulator.stats.creates["dh3"] == 6
 
+
+
+async def test_a_stopped_batch_leaves_running_tasks_for_a_rerun_instead_of_polling_on(
+    make_session: SessionFactory, emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.config.duration = 1.2
+    session = make_session(rate_limits={"dh3": 4.0}, create_retries=0)  # creates 0.25 s apart
+    jobs, stop_at_once = prompts(3), PauseSettings(max_pauses=0)
+    run = asyncio.create_task(run_batch(session, "dh3", DH3, jobs, out_dir=tmp_path, pauses=stop_at_once))
+    await wait_for(lambda: state_counts(tmp_path).get("submitted") == 2)
+    emulator.script("dh3", "create", "503")  # the third create is refused
+    stats = await asyncio.wait_for(run, 1.0)  # well before the running tasks could end
+    assert stats.stopped is not None and "ServerError" in stats.stopped
+    assert (stats.unfinished, stats.pending, stats.failed, stats.done) == (2, 1, 0, 0)
+    assert states(tmp_path) == {1: "submitted", 2: "submitted", 3: "pending"}
+
+    again = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path)
+    assert (again.done, again.resumed, again.created) == (3, 2, 1)
+    assert emulator.stats.creates["dh3"] == 3
