@@ -7,7 +7,7 @@ it polls the jobs that have a task id, skips finished ones and never resends a c
 that may have gone out unless told to (``resubmit_uncertain``).
 
 A directory holding outputs of an earlier run but no journal that covers them is refused
-(``check_journal``): a fresh journal there would create every job again. Creates that
+(``open_journal``, ``check_tail``): a fresh journal there would create every job again. Creates that
 could not be sent for reasons that are not the job's own (provider unreachable, Redis
 down, rate limited, session closed: ``submit_outcome``) leave the job ``pending``; the
 batch pauses with backoff (``PauseSettings``) or stops, and says why in ``BatchStats.stopped``.
@@ -124,7 +124,7 @@ def pause_after(failures: int, settings: PauseSettings) -> float | None:
     """Seconds to pause after the ``failures``-th outage in a row; None once the batch must stop."""
     if failures > settings.max_pauses:
         return None
-    return min(settings.cap, settings.first * 2.0 ** (failures - 1))
+    return min(settings.cap, settings.first * 2.0 ** min(failures - 1, 64))  # no float overflow
 
 
 @attrs.frozen
@@ -277,6 +277,14 @@ class _ResultsFile:
             # run again: drop them so no job gets two lines for one outcome.
             self._file.truncate(committed)
             self._size = committed
+        elif self._size < committed:
+            log.warning(
+                "%s is shorter than its journal recorded (%d < %d bytes): lines of earlier runs are "
+                "missing from it; the journal still has every job's state",
+                path,
+                self._size,
+                committed,
+            )
 
     def append(self, record: Mapping[str, Any]) -> int:
         """Write one whole line; the file size after it. A line that cannot be written whole
@@ -597,7 +605,12 @@ class _Batch:
             for line, spec in enumerate(jobs, 1):
                 if self.gate.stopped:
                     break
-                job = None if spec is None else self.admit(line, spec)
+                try:
+                    job = None if spec is None else self.admit(line, spec)
+                except JOURNAL_FAILURES as error:
+                    # Stop, not crash: a crash would cancel the creates on the wire (uncertain).
+                    self.gate.stop(f"the journal or output directory failed: {_describe(error)}")
+                    break
                 if job is None:
                     if line % YIELD_EVERY == 0:
                         await asyncio.sleep(0)  # let running jobs progress while skipping
