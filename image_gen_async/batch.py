@@ -44,6 +44,7 @@ from .errors import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    SessionClosedError,
     SubmitUncertainError,
     TaskFailedError,
     TransportError,
@@ -69,10 +70,12 @@ Status = Literal["done", "failed", "uncertain"]
 SubmitOutcome = Literal["uncertain", "failed", "later", "stop"]
 # Nothing was sent and nothing is wrong with the job: the same create may work in a while.
 _LATER: tuple[type[Exception], ...] = (TransportError, BackendUnavailableError, RateLimitError, ServerError)
-# Nothing was sent and no job can be sent until someone acts: a closed session, a setup
-# problem, an account the provider refuses (key, credits, access), an unwritable journal.
+# Nothing was sent and no job can be sent until someone acts: a closed session, an account
+# the provider refuses (key, credits, access), an unwritable journal. Any other refusal
+# before sending (InvalidRequestError, a ConfigurationError about the call) is the job's:
+# stopping on it would stop every rerun at the same line.
 _STOP: tuple[type[Exception], ...] = (
-    ConfigurationError,
+    SessionClosedError,
     AuthenticationError,
     PaymentRequiredError,
     PermissionDeniedError,
@@ -1010,6 +1013,11 @@ async def run_batch(
     """
     if concurrency < 1:
         raise ConfigurationError("concurrency must be at least 1")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
+    ):
+        # Checked once here: every job's submit() would refuse it, each as a failed job.
+        raise ConfigurationError(f"timeout must be a number of seconds above 0, got {timeout!r}")
     client = session.client(client_name)
     client.check_ready()
     directory = Path(out_dir)

@@ -8,6 +8,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ from image_gen_async.errors import (
 )
 from image_gen_async.testing import Emulator
 
-from .batch_helpers import closed_port, results, state_counts, states, wait_for
+from .batch_helpers import closed_port, names, results, state_counts, states, wait_for
 from .conftest import MODELS, SessionFactory
 
 DH3 = MODELS["dh3"]
@@ -53,7 +54,7 @@ def prompts(count: int) -> Iterator[JobSpec]:
         (ServerError(503, provider="dh3"), "later"),
         (ServerError(502, provider="dh3"), "later"),
         (SessionClosedError("closed"), "stop"),
-        (ConfigurationError("no key"), "stop"),
+        (ConfigurationError("webhook_url needs a receiver"), "failed"),  # the job's call, not the session
         (AuthenticationError(401, provider="dh3"), "stop"),
         (PaymentRequiredError(402, provider="nananobanana"), "stop"),
         (PermissionDeniedError(403, provider="dh3"), "stop"),
@@ -77,6 +78,15 @@ def test_pauses_double_up_to_the_cap_then_the_batch_stops() -> None:
     for bad in ({"first": -1.0}, {"cap": float("nan")}, {"max_pauses": -1}, {"max_pauses": 1.5}):
         with pytest.raises(ConfigurationError, match="PauseSettings"):
             PauseSettings(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), float("inf"), "10", True])
+async def test_a_bad_job_timeout_is_refused_before_any_job_runs(
+    session: Any, emulator: Emulator, tmp_path: Path, timeout: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        await run_batch(session, "dh3", DH3, prompts(3), out_dir=tmp_path, timeout=timeout)
+    assert emulator.stats.create_requests["dh3"] == 0 and names(tmp_path, "*") == []
 
 
 async def test_a_provider_refusing_connections_leaves_every_job_pending_for_a_rerun(
