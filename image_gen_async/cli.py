@@ -75,7 +75,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def count(text: str) -> int:
+def non_negative_int(text: str) -> int:
     """An integer of at least 0."""
     value = int(text)
     if value < 0:
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--max-pauses",
-        type=count,
+        type=non_negative_int,
         default=default_pauses.max_pauses,
         help="pauses in a row before the batch stops with its unsent jobs pending "
         f"(default {default_pauses.max_pauses}; 0 stops at once)",
