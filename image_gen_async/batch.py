@@ -415,7 +415,9 @@ def check_tail(out_dir: Path, journal: Journal) -> dict[int, dict[str, Any]]:
             continue  # failed before anything was sent: running it again costs nothing
         line = record["line"]
         row = journal.get(line)
-        if row is None or row.state == "pending":
+        # A pending row may have a failed line naming its old task: --retry-failed reset the
+        # row, then the new create was refused before sending. Done or uncertain it cannot.
+        if row is None or (row.state == "pending" and record.get("status") != "failed"):
             known = "has no row for it" if row is None else "says it was never sent"
             raise ConfigurationError(
                 f"{out_dir / RESULTS_NAME} records job {line} ({record.get('status')}, task "

@@ -22,7 +22,7 @@ import pytest
 
 from image_gen_async import ConfigurationError
 from image_gen_async._journal import Journal
-from image_gen_async.batch import JOURNAL_NAME, RESULTS_NAME, JobSpec, run_batch
+from image_gen_async.batch import JOURNAL_NAME, RESULTS_NAME, JobSpec, check_tail, run_batch
 from image_gen_async.testing import Emulator
 
 from .batch_helpers import names, results, state_counts, states
@@ -284,3 +284,56 @@ async def test_a_disk_full_after_the_create_was_answered_names_the_task_in_the_l
     again = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=out)
     assert (again.done, again.uncertain, again.created) == (2, 1, 2)
     assert emulator.stats.creates["dh3"] == 2 and made == ["paid-1"]
+
+
+# --- the tail rule, as a table ----------------------------------------------------------------
+
+
+def journal_with_row(out: Path, state: str | None) -> Journal:
+    """A journal whose job 1 is in ``state`` (None: no row), by the journal's own steps."""
+    journal = Journal(out / JOURNAL_NAME, "dh3", DH3)
+    steps = ["pending", "creating", "submitted", "downloading"]
+    if state is None:
+        return journal
+    if state == "done":
+        journal.finish(1, "done", spec_hash="h", task_id="t", files=[], error=None, results_size=0)
+        return journal
+    for step in steps[: steps.index(state) + 1]:
+        if step == "pending":
+            journal.pending(1, "h")
+        elif step == "submitted":
+            journal.submitted(1, "t", None)
+        else:
+            getattr(journal, step)(1)
+    return journal
+
+
+@pytest.mark.parametrize(
+    ("state", "status", "task_id", "verdict"),
+    [
+        (None, "done", "t", "refused"),  # the journal lost the job: a run would create it again
+        (None, "uncertain", None, "refused"),  # it may have been made
+        (None, "failed", None, "dropped"),  # nothing was sent for it: running it again is free
+        ("pending", "done", "t", "refused"),
+        ("pending", "failed", "t0", "dropped"),  # --retry-failed reset it, the new create refused
+        ("creating", "uncertain", None, "dropped"),  # the rerun reports it uncertain again
+        ("creating", "uncertain", "t", "recovered"),  # answered, the commit failed: keep its id
+        ("creating", "done", "t", "recovered"),
+        ("submitted", "done", "t", "dropped"),  # polled again
+        ("downloading", "failed", "t", "dropped"),
+        ("done", "done", "t", "dropped"),
+    ],
+)
+def test_which_lines_past_the_last_commit_the_journal_covers(
+    tmp_path: Path, state: str | None, status: str, task_id: str | None, verdict: str
+) -> None:
+    record = {"line": 1, "prompt": "p", "task_id": task_id, "status": status, "files": [], "error": None}
+    (tmp_path / RESULTS_NAME).write_text(json.dumps(record) + "\n{torn")
+    with journal_with_row(tmp_path, state) as journal:
+        try:
+            recovered = check_tail(tmp_path, journal)
+        except ConfigurationError as error:
+            assert verdict == "refused" and "lost commits" in str(error)
+            return
+    assert verdict == ("recovered" if recovered else "dropped")
+    assert recovered in ({}, {1: record})
