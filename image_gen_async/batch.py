@@ -508,9 +508,12 @@ class _Gate:
     its attempt began after the last pause, so 64 refused connections are one outage, not 64.
     """
 
-    def __init__(self, settings: PauseSettings, stats: BatchStats) -> None:
+    def __init__(
+        self, settings: PauseSettings, stats: BatchStats, on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.settings = settings
         self.stats = stats
+        self._on_change = on_change  # progress displays show pauses and the stop
         self.round = 0  # pauses begun so far; an attempt remembers the round it started in
         self.failures = 0  # outages in a row with no create getting through
         self._open = asyncio.Event()
@@ -559,6 +562,7 @@ class _Gate:
         )
         self._open.clear()
         self._timer = asyncio.get_running_loop().call_later(wait, self._open.set)
+        self._on_change()
 
     def stop(self, reason: str) -> None:
         """Send nothing more; jobs waiting here stay pending. The first reason is kept."""
@@ -571,6 +575,7 @@ class _Gate:
         self._open.set()  # wake the waiting jobs: they see the stop and leave
         for callback in list(self._watchers):
             callback()
+        self._on_change()
 
 
 def _describe(error: BaseException) -> str:
@@ -1026,7 +1031,7 @@ async def run_batch(
     stats = BatchStats(total=total)
     with _opened(directory, None if journal is None else Path(journal), client.name, model) as (db, results):
         options = _Options(download, retry_failed, resubmit_uncertain, max_bytes, timeout)
-        gate = _Gate(pauses or PauseSettings(), stats)
+        gate = _Gate(pauses or PauseSettings(), stats, lambda: on_progress(stats) if on_progress else None)
         batch = _Batch(session, client, model, directory, db, results, stats, options, on_progress, gate)
         try:
             await batch.feed(jobs, concurrency)

@@ -4,6 +4,7 @@ stay pending, the batch pauses or stops and says why, and a rerun sends each exa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -13,7 +14,16 @@ from typing import Any
 import pytest
 
 from image_gen_async import RedisBackend
-from image_gen_async.batch import JobSpec, PauseSettings, pause_after, run_batch, submit_outcome
+from image_gen_async._journal import Journal
+from image_gen_async.batch import (
+    JOURNAL_NAME,
+    BatchStats,
+    JobSpec,
+    PauseSettings,
+    pause_after,
+    run_batch,
+    submit_outcome,
+)
 from image_gen_async.errors import (
     AuthenticationError,
     BackendUnavailableError,
@@ -30,10 +40,10 @@ from image_gen_async.errors import (
     SubmitUncertainError,
     TransportError,
 )
-from image_gen_async.testing import Emulator
+from image_gen_async.testing import Emulator, EmulatorConfig
 
 from .batch_helpers import closed_port, names, results, state_counts, states, wait_for
-from .conftest import MODELS, SessionFactory
+from .conftest import KEYS, MODELS, SessionFactory
 
 DH3 = MODELS["dh3"]
 QUICK = PauseSettings(first=0.01, cap=0.02, max_pauses=2)
@@ -112,15 +122,29 @@ async def test_a_provider_refusing_connections_leaves_every_job_pending_for_a_re
 
 
 async def test_an_outage_that_ends_within_the_pauses_loses_nothing(
-    make_session: SessionFactory, emulator: Emulator, tmp_path: Path
+    make_session: SessionFactory, tmp_path: Path
 ) -> None:
-    # 503 (refused before a task was made) outlasting the session's own create retries, twice.
-    emulator.script("dh3", "create", "503", times=4)
-    session = make_session(create_retries=1)
-    pauses = PauseSettings(first=0.01, cap=0.02, max_pauses=3)
-    stats = await run_batch(session, "dh3", DH3, prompts(3), out_dir=tmp_path, concurrency=1, pauses=pauses)
-    assert (stats.done, stats.failed, stats.pending, stats.stopped, stats.pauses) == (3, 0, 0, None, 2)
-    assert emulator.stats.creates["dh3"] == 3
+    port = closed_port()  # nothing listens there until the batch has paused once
+    session = make_session(base_urls={"dh3": f"http://127.0.0.1:{port}"}, create_retries=0)
+    paused = asyncio.Event()
+
+    def track(stats: BatchStats) -> None:
+        if stats.pauses:
+            paused.set()
+
+    pauses = PauseSettings(first=0.3, cap=0.3, max_pauses=3)
+    batch = run_batch(
+        session, "dh3", DH3, prompts(3), out_dir=tmp_path, concurrency=1, pauses=pauses, on_progress=track
+    )
+    run = asyncio.create_task(batch)
+    await paused.wait()
+    config = EmulatorConfig(duration=0.05, dh3_qps=None, api_keys=dict(KEYS))
+    async with Emulator(config) as provider:  # the provider is back, on the same port
+        await provider.close()
+        await provider.start(port=port)
+        stats = await run
+        assert (stats.done, stats.failed, stats.pending, stats.stopped) == (3, 0, 0, None)
+        assert stats.pauses >= 1 and provider.stats.creates["dh3"] == 3
 
 
 async def test_unreachable_redis_sends_nothing_and_stops_with_the_jobs_pending(
@@ -174,16 +198,21 @@ async def test_a_stopped_batch_leaves_running_tasks_for_a_rerun_instead_of_polli
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
     emulator.config.duration = 1.2
-    session = make_session(rate_limits={"dh3": 4.0}, create_retries=0)  # creates 0.25 s apart
-    jobs, stop_at_once = prompts(3), PauseSettings(max_pauses=0)
-    run = asyncio.create_task(run_batch(session, "dh3", DH3, jobs, out_dir=tmp_path, pauses=stop_at_once))
-    await wait_for(lambda: state_counts(tmp_path).get("submitted") == 2)
-    emulator.script("dh3", "create", "503")  # the third create is refused
+    # The journal refuses job 3's `creating` commit (as SQLite does on a full disk): the batch stops.
+    Journal(tmp_path / JOURNAL_NAME, "dh3", DH3).close()
+    with contextlib.closing(sqlite3.connect(tmp_path / JOURNAL_NAME)) as db:
+        db.execute(
+            "CREATE TRIGGER full BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'creating' AND NEW.line = 3 "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    run = asyncio.create_task(run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path))
     stats = await asyncio.wait_for(run, 1.0)  # well before the running tasks could end
-    assert stats.stopped is not None and "ServerError" in stats.stopped
+    assert stats.stopped is not None and "journal could not be written" in stats.stopped
     assert (stats.unfinished, stats.pending, stats.failed, stats.done) == (2, 1, 0, 0)
     assert states(tmp_path) == {1: "submitted", 2: "submitted", 3: "pending"}
 
+    with contextlib.closing(sqlite3.connect(tmp_path / JOURNAL_NAME)) as db:
+        db.execute("DROP TRIGGER full")
     again = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path)
     assert (again.done, again.resumed, again.created) == (3, 2, 1)
     assert emulator.stats.creates["dh3"] == 3
