@@ -13,6 +13,11 @@ make a rerun pay twice, ``creating``, is followed by ``durable()``, an fsync of 
 (what ``synchronous=FULL`` would do, and it makes every earlier commit durable too),
 before the create is sent. The fsync may take milliseconds on a real disk, so the batch
 runs it in a worker thread; every write to the database stays on the event-loop thread.
+
+Opening checks the file (``PRAGMA quick_check``, about 0.3 s for a million jobs), so a
+damaged journal is refused at the start, not halfway through a run; the batch refuses a
+journal that is missing, empty or holds no batch while its directory holds results.
+Task ids are indexed: a create answered with an id another job already has is found.
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     updated REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task_id);
 """
+# What a commit that cannot be made raises: SQLite's own errors, the OS's (a full disk, a lost
+# file), and text SQLite cannot store (a lone surrogate in a task id from a hostile server).
+JOURNAL_FAILURES: tuple[type[Exception], ...] = (sqlite3.Error, OSError, UnicodeError)
 
 
 @attrs.frozen
@@ -64,7 +73,13 @@ class JobRow:
 class Journal:
     """The SQLite journal of one batch: ``(provider, model)`` fixed, one row per job line."""
 
-    def __init__(self, path: Path, provider: str, model: str) -> None:
+    def __init__(self, path: Path, provider: str, model: str, *, refuse_new: str | None = None) -> None:
+        """Open (or start) the journal at ``path``.
+
+        ``refuse_new``: when the file holds no batch yet, raise ``ConfigurationError`` with this
+        message instead of starting one, before anything is written to it (the caller knows
+        the directory holds outputs of an earlier run, so an empty journal means a lost one).
+        """
         self.path = path
         self._wal: int | None = None  # a descriptor of the WAL file, for durable()
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each write commits
@@ -74,11 +89,27 @@ class Journal:
             # as it is made instead, and durable() has nothing left to do.
             self._wal_mode = str(mode).lower() == "wal"
             self._db.execute("PRAGMA synchronous=NORMAL" if self._wal_mode else "PRAGMA synchronous=FULL")
+            self._check_intact()
+            if refuse_new is not None and not self._holds_batch():
+                raise ConfigurationError(refuse_new)
             self._db.executescript(_SCHEMA)
             self._check_meta(provider, model)
         except BaseException:
             self._db.close()
             raise
+
+    def _check_intact(self) -> None:
+        """A damaged file (cut short, overwritten) fails here, at open, not halfway through a run."""
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
+
+    def _holds_batch(self) -> bool:
+        """True when an earlier run bound this file to a batch (its meta table names a provider)."""
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" not in tables:
+            return False
+        return self._db.execute("SELECT 1 FROM meta WHERE key = 'provider'").fetchone() is not None
 
     def _check_meta(self, provider: str, model: str) -> None:
         """Bind the journal to one provider and model; a rerun with others is refused."""
@@ -123,6 +154,13 @@ class Journal:
             return None
         line_, spec_hash, state, task_id, estimate, files, error = row
         return JobRow(line_, spec_hash, state, task_id, estimate, tuple(json.loads(files or "[]")), error)
+
+    def line_with_task(self, task_id: str, other_than: int) -> int | None:
+        """The job (not ``other_than``) that already holds ``task_id``, if any."""
+        row = self._db.execute(
+            "SELECT line FROM jobs WHERE task_id = ? AND line != ? LIMIT 1", (task_id, other_than)
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     def counts(self) -> dict[str, int]:
         """Jobs per state."""
@@ -203,7 +241,7 @@ class Journal:
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (line) DO UPDATE SET state = excluded.state, "
                 "task_id = COALESCE(excluded.task_id, task_id), files = excluded.files, "
                 "error = excluded.error, updated = excluded.updated",
-                (line, spec_hash, state, task_id, json.dumps(files), error, time.time()),
+                (line, spec_hash, state, task_id, json.dumps(files), storable(error), time.time()),
             )
             db.execute(
                 "INSERT INTO meta VALUES ('results_size', ?) ON CONFLICT (key) DO UPDATE SET value = ?",
@@ -215,4 +253,12 @@ class Journal:
             raise
 
     def _set(self, line: int, state: State) -> None:
+        """One row's state, committed."""
         self._db.execute("UPDATE jobs SET state = ?, updated = ? WHERE line = ?", (state, time.time(), line))
+
+
+def storable(text: str | None) -> str | None:
+    """``text`` as SQLite can store it: a lone surrogate (from a hostile answer) becomes ``\\udXXX``."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -37,7 +37,7 @@ def rate_and_eta(stats: BatchStats) -> tuple[float, float | None]:
     rate = this_run / elapsed if elapsed > 0 else 0.0
     if stats.total is None or rate <= 0:
         return rate, None
-    return rate, max(0, stats.total - stats.finished - stats.unfinished) / rate
+    return rate, max(0, stats.total - stats.finished - stats.unfinished - stats.pending) / rate
 
 
 def describe(stats: BatchStats) -> str:
@@ -48,6 +48,10 @@ def describe(stats: BatchStats) -> str:
         f"{stats.finished}/{total} finished: {stats.done} done, {stats.failed} failed, "
         f"{stats.uncertain} uncertain, {stats.in_flight} in flight, {rate:.1f} jobs/s"
     )
+    if stats.stopped is not None:
+        return f"{text}, stopped: {stats.stopped}"
+    if stats.pending:
+        text = f"{text}, {stats.pending} not sent"
     return text if eta is None else f"{text}, ETA {eta:.0f} s"
 
 
@@ -132,6 +136,7 @@ SUMMARY_COLUMNS = (
     "failed",
     "uncertain",
     "unfinished",
+    "not sent",
     "created",
     "resumed",
     "skipped",
@@ -141,7 +146,7 @@ SUMMARY_COLUMNS = (
 
 def summary_row(label: str, stats: BatchStats) -> list[object]:
     """The summary figures of one batch, in ``SUMMARY_COLUMNS`` order."""
-    jobs = stats.total if stats.total is not None else stats.finished + stats.unfinished
+    jobs = stats.total if stats.total is not None else stats.finished + stats.unfinished + stats.pending
     return [
         label,
         jobs,
@@ -149,6 +154,7 @@ def summary_row(label: str, stats: BatchStats) -> list[object]:
         stats.failed,
         stats.uncertain,
         stats.unfinished,
+        stats.pending,
         stats.created,
         stats.resumed,
         stats.skipped,

@@ -20,7 +20,15 @@ from rich.logging import RichHandler
 
 from . import AsyncSession, ImageGenError, InvalidRequestError, PollSettings, __version__, _config
 from ._progress import SUMMARY_COLUMNS, BatchDisplay, make_console, print_table, summary_row
-from .batch import DEFAULT_CONCURRENCY, RESERVED_KEYS, RESULTS_NAME, count_jobs, read_jsonl, run_batch
+from .batch import (
+    DEFAULT_CONCURRENCY,
+    RESERVED_KEYS,
+    RESULTS_NAME,
+    PauseSettings,
+    count_jobs,
+    read_jsonl,
+    run_batch,
+)
 from .download import DEFAULT_MAX_BYTES
 from .errors import ConfigurationError
 from .providers import CODECS
@@ -30,12 +38,15 @@ T = TypeVar("T")
 EXIT_OK = 0  # every job done
 EXIT_FAILED = 1  # some job failed, is uncertain, or was left unfinished
 EXIT_USAGE = 2  # bad arguments, missing key, an output directory of another batch
+EXIT_STOPPED = 3  # a batch stopped early (provider unreachable, session closed); unsent jobs pending
 EXIT_INTERRUPTED = 130  # Ctrl-C; rerun the same command to resume
 
 EPILOG = """\
 keys: read from GET3W_API_KEY (get3w, get3w_v3), DH3_API_KEY, NANANOBANANA_API_KEY.
 exit codes: 0 every job done; 1 some job failed, is uncertain or unfinished;
-2 usage error (bad arguments, missing key, output directory of another batch);
+2 usage error (bad arguments, missing key, output directory of another batch, or one whose
+journal cannot account for its results); 3 the batch stopped early (provider or Redis
+unreachable, account refused): unsent jobs stay pending, rerun the same command to send them;
 130 interrupted (rerun the same command to resume)."""
 
 
@@ -65,6 +76,14 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
     return _checked(value, _config.whole_problem(value, 1))
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -170,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-download", action="store_true", help="record the URLs, save no files")
     batch.add_argument(
         "--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="size cap of one output file"
+    )
+    default_pauses = PauseSettings()
+    batch.add_argument(
+        "--first-pause",
+        type=positive_float,
+        default=default_pauses.first,
+        help="seconds the batch pauses when creates cannot be sent (provider or Redis unreachable, "
+        f"rate limited); doubles each time up to {default_pauses.cap:g} (default {default_pauses.first:g})",
+    )
+    batch.add_argument(
+        "--max-pauses",
+        type=non_negative_int,
+        default=default_pauses.max_pauses,
+        help="pauses in a row before the batch stops with its unsent jobs pending "
+        f"(default {default_pauses.max_pauses}; 0 stops at once)",
     )
 
     demo = commands.add_parser(
@@ -296,6 +330,11 @@ async def _batch(args: argparse.Namespace, console: Console) -> int:
                 max_bytes=args.max_bytes,
                 total=total,
                 on_progress=display.track(label, total),
+                pauses=PauseSettings(
+                    first=args.first_pause,
+                    cap=max(args.first_pause, PauseSettings().cap),
+                    max_pauses=args.max_pauses,
+                ),
             )
     print_table(console, "batch summary", SUMMARY_COLUMNS, [summary_row(label, stats)])
     console.print(f"results: {args.out_dir / RESULTS_NAME}", highlight=False, soft_wrap=True)
@@ -309,4 +348,13 @@ async def _batch(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{stats.unfinished} job(s) unfinished: rerun the same command to resume.")
     if stats.failed:
         console.print(f"{stats.failed} job(s) failed: see {RESULTS_NAME}; --retry-failed runs them again.")
+    if stats.stopped is not None:
+        # stderr too, where a script's log keeps it: the reason is not the jobs' fault.
+        message = (
+            f"batch stopped before its end: {stats.stopped}. {stats.pending} job(s) not sent "
+            "(still pending; lines not yet read are not counted): rerun the same command to send them."
+        )
+        console.print(message, highlight=False, soft_wrap=True)
+        print(f"image-gen-async: {message}", file=sys.stderr)
+        return EXIT_STOPPED
     return EXIT_OK if stats.ok else EXIT_FAILED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -57,3 +58,17 @@ def append(path: Path, text: str) -> None:
     """Append ``text`` to a file."""
     with open(path, "a", encoding="utf-8") as file:
         file.write(text)
+
+
+def closed_port() -> int:
+    """A loopback port that was just bound and closed: connecting to it is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    """A JSONL file of ``lines`` as given (already JSON text, or deliberately not)."""
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path

@@ -237,3 +237,23 @@ async def test_a_batch_killed_during_a_create_reports_it_uncertain_and_never_res
     finally:
         answered.set()
         await runner.cleanup()
+
+
+async def test_a_batch_whose_key_is_refused_stops_with_exit_3_and_resumes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Not the jobs' fault: none is recorded failed, all stay pending, and the exit code says so."""
+    source = write_jobs(tmp_path / "jobs.jsonl", [f"a fox, take {i}" for i in range(6)])
+    out = tmp_path / "out"
+    args = ("batch", str(source), "--provider", "dh3", "--model", DH3, "-o", str(out), "--rate", "500", *FAST)
+    wrong = {"DH3_API_KEY": "sk-revoked-key-0000000000"}
+    code, stdout, stderr = await cli(*args, "--base-url", emulator.url, keys=wrong)
+    assert code == 3, stdout + stderr
+    assert "batch stopped before its end" in stderr and "AuthenticationError" in stderr
+    assert "not sent" in stderr and "rerun the same command" in stderr
+    assert set(state_counts(out)) == {"pending"} and not (out / "results.jsonl").read_text()
+    assert emulator.stats.creates["dh3"] == 0
+
+    code, stdout, stderr = await cli(*args, "--base-url", emulator.url)
+    assert code == 0, stdout + stderr
+    assert emulator.stats.creates["dh3"] == 6
