@@ -241,7 +241,7 @@ class Account:
     def block(self, error: APIError) -> None:
         """Open the circuit: nothing more is sent for this key, and every waiting create fails now."""
         if self.blocked is None:
-            log.error("%s: %s; nothing more is sent with this key until unblock()", self.name, error)
+            log.error("%s; nothing more is sent with this key until unblock()", error)
         self.blocked = error
         self.gate.fail_waiters(error)
 

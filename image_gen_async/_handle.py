@@ -39,6 +39,7 @@ class TaskHandle:
         "_future",
         "_on_cancel",
         "_slot",
+        "credits_used",
         "estimated_duration",
         "finished_at",
         "model",
@@ -69,6 +70,8 @@ class TaskHandle:
         self.retries = retries
         self.submitted_at = time.time()
         self.finished_at: float | None = None
+        # What the create cost, where the provider says (nananobanana ``creditsUsed``).
+        self.credits_used: float | None = None
         self._future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         # Stops whoever follows the task; dropped once the handle is done, so a finished
         # handle keeps nothing of its follower (nor the submitter's context) alive.

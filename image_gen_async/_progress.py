@@ -140,6 +140,7 @@ SUMMARY_COLUMNS = (
     "created",
     "resumed",
     "skipped",
+    "credits",
     "seconds",
 )
 
@@ -158,5 +159,6 @@ def summary_row(label: str, stats: BatchStats) -> list[object]:
         stats.created,
         stats.resumed,
         stats.skipped,
+        f"{stats.credits_used:g}",
         stats.elapsed,
     ]

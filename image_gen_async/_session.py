@@ -262,6 +262,7 @@ class ProviderClient:
             retries=retries,
         )
         handle._slot = slot  # given back when the handle is done
+        handle.credits_used = snapshot.credits_used
         if snapshot.result is not None:
             follow.finish(target, handle, snapshot.result, took)
         else:

@@ -35,11 +35,13 @@ from ._journal import FINAL_STATES, JOURNAL_FAILURES, JobRow, Journal, storable
 from ._session import AsyncSession, ProviderClient
 from .download import DEFAULT_MAX_BYTES, EXTENSIONS, OTHER_EXTENSION
 from .errors import (
+    AdmissionTimeoutError,
     AuthenticationError,
     BackendUnavailableError,
     ConfigurationError,
     ImageGenError,
     NotFoundError,
+    NotSupportedError,
     PaymentRequiredError,
     PermissionDeniedError,
     RateLimitError,
@@ -69,7 +71,20 @@ Status = Literal["done", "failed", "uncertain"]
 #: What a failed ``submit()`` means for its job (see ``submit_outcome``).
 SubmitOutcome = Literal["uncertain", "failed", "later", "stop"]
 # Nothing was sent and nothing is wrong with the job: the same create may work in a while.
-_LATER: tuple[type[Exception], ...] = (TransportError, BackendUnavailableError, RateLimitError, ServerError)
+_LATER: tuple[type[Exception], ...] = (
+    TransportError,
+    BackendUnavailableError,
+    RateLimitError,
+    ServerError,
+    AdmissionTimeoutError,
+)
+# The account cannot work now (bad key, no credits, no balance or access): nothing more is
+# sent, but the tasks already running are followed to their end.
+_ACCOUNT_STOPS: tuple[type[Exception], ...] = (
+    AuthenticationError,
+    PaymentRequiredError,
+    PermissionDeniedError,
+)
 # Nothing was sent and no job can be sent until someone acts: a closed session, an account
 # the provider refuses (key, credits, access), an unwritable journal. Any other refusal
 # before sending (InvalidRequestError, a ConfigurationError about the call) is the job's:
@@ -98,6 +113,33 @@ def submit_outcome(error: BaseException) -> SubmitOutcome:
     if isinstance(error, _STOP):
         return "stop"
     return "failed"
+
+
+@attrs.define
+class CreditBudget:
+    """At most ``limit`` credits for one run: a job starts only when what was spent, what running
+    jobs may still cost and its own ``cost`` fit together (a job is charged at its create)."""
+
+    limit: float
+    cost: float
+    spent: float = 0.0
+    reserved: float = 0.0
+
+    def reserve(self) -> bool:
+        """Take ``cost`` for a job about to be sent; False (nothing taken) when it could exceed the limit."""
+        if self.spent + self.reserved + self.cost > self.limit:
+            return False
+        self.reserved += self.cost
+        return True
+
+    def release(self) -> None:
+        """The job was not sent: its reservation goes back."""
+        self.reserved = max(0.0, self.reserved - self.cost)
+
+    def settle(self, used: float | None) -> None:
+        """The job's create was accepted: it cost ``used`` (its reservation when not reported)."""
+        self.release()
+        self.spent += self.cost if used is None else used
 
 
 @attrs.frozen
@@ -195,6 +237,10 @@ class BatchStats:
     pauses: int = 0
     # Why the batch stopped before its end (None: it ran to the end).
     stopped: str | None = None
+    # The stop was the account's (401/402/403) or the credit budget: what ran was finished.
+    account_stopped: bool = False
+    # Credits the provider reported for this run's jobs (nananobanana ``creditsUsed``).
+    credits_used: float = 0.0
     started: float = attrs.Factory(time.monotonic)
     ended: float | None = None
 
@@ -564,17 +610,23 @@ class _Gate:
         self._timer = asyncio.get_running_loop().call_later(wait, self._open.set)
         self._on_change()
 
-    def stop(self, reason: str) -> None:
-        """Send nothing more; jobs waiting here stay pending. The first reason is kept."""
+    def stop(self, reason: str, *, finish_running: bool = False) -> None:
+        """Send nothing more; jobs waiting here stay pending. The first reason is kept.
+
+        ``finish_running`` (an account stop, the credit budget): the tasks already running are
+        still followed to their end; otherwise they are left for a rerun to poll.
+        """
         if self.stopped:
             return
         self.stats.stopped = reason
+        self.stats.account_stopped = finish_running
         log.error("batch stopped: %s; unsent jobs stay pending, rerun to send them", reason)
         if self._timer is not None:
             self._timer.cancel()
         self._open.set()  # wake the waiting jobs: they see the stop and leave
-        for callback in list(self._watchers):
-            callback()
+        if not finish_running:
+            for callback in list(self._watchers):
+                callback()
         self._on_change()
 
 
@@ -596,6 +648,7 @@ class _Batch:
     options: _Options
     on_progress: Callable[[BatchStats], None] | None
     gate: _Gate
+    budget: CreditBudget | None = None
 
     def notify(self) -> None:
         if self.on_progress is not None:
@@ -723,7 +776,7 @@ class _Batch:
         except ImageGenError as error:
             if submit_outcome(error) == "stop":
                 # The session closed or the account is refused while a task was followed.
-                self.gate.stop(_describe(error))
+                self.gate.stop(_describe(error), finish_running=isinstance(error, _ACCOUNT_STOPS))
             if not isinstance(error, TaskFailedError) and self._polling(job.line):
                 # The task exists and may still finish (a poll gave up, a timeout, a 5xx
                 # after the retries, the session closed): it stays paid for, and a rerun
@@ -782,7 +835,7 @@ class _Batch:
     async def _follow(self, handle: TaskHandle) -> TaskResult:
         """The handle's result, unless the batch stops first: then its polling ends (an outage
         would keep it retrying until its deadline) and the task, journaled, waits for a rerun."""
-        if not self.gate.stopped:
+        if not self.gate.stopped or self.stats.account_stopped:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
             def wake(*_: object) -> None:
@@ -808,9 +861,15 @@ class _Batch:
         """
         while True:
             round_ = await self.gate.enter()
+            budget = self.budget
+            if budget is not None and not budget.reserve():
+                self.gate.stop(f"the credit budget of {budget.limit:g} is reached", finish_running=True)
+                raise _Held
             try:
                 self.journal.pending(job.line, job.spec_hash)
             except JOURNAL_FAILURES as error:
+                if budget is not None:
+                    budget.release()
                 self.gate.stop(f"the journal could not be written: {_describe(error)}")
                 raise _Held from error
             try:
@@ -823,17 +882,23 @@ class _Batch:
                 )
             except Exception as error:
                 outcome = submit_outcome(error)
+                if budget is not None:
+                    # An uncertain create may have been charged: keep its reservation as spent.
+                    budget.settle(None) if outcome == "uncertain" else budget.release()
                 if outcome in ("uncertain", "failed"):
                     raise
                 self._unsent(job.line)
                 if isinstance(error, JOURNAL_FAILURES):
                     self.gate.stop(f"the journal could not be written: {_describe(error)}")
                 elif outcome == "stop":
-                    self.gate.stop(_describe(error))
+                    self.gate.stop(_describe(error), finish_running=isinstance(error, _ACCOUNT_STOPS))
                 else:
                     self.gate.not_sent(round_, job.line, error)
                 continue  # the gate holds it (a pause) or lets it go (stopped: _Held)
             self.gate.sent()
+            if budget is not None:
+                budget.settle(handle.credits_used)
+            self.stats.credits_used += handle.credits_used or 0.0
             return handle
 
     def _record_task(self, job: _Job, handle: TaskHandle) -> None:
@@ -978,6 +1043,20 @@ class _Batch:
         self.notify()
 
 
+async def _credit_budget(client: ProviderClient, model: str, max_credits: float) -> CreditBudget:
+    """The run's budget, priced by the provider's own model list; refused where it lists no price."""
+    if isinstance(max_credits, bool) or not isinstance(max_credits, int | float) or not max_credits >= 0:
+        raise ConfigurationError(f"max_credits must be a number of at least 0, got {max_credits!r}")
+    try:
+        models = await client.models()
+    except NotSupportedError:
+        raise ConfigurationError(f"max_credits: {client.name} reports no prices (no models list)") from None
+    cost = next((info.credits_cost for info in models if info.name == model), None)
+    if cost is None:
+        raise ConfigurationError(f"max_credits: {client.name} lists no credit cost for model {model!r}")
+    return CreditBudget(float(max_credits), cost)
+
+
 async def run_batch(
     session: AsyncSession,
     client_name: str,
@@ -995,6 +1074,7 @@ async def run_batch(
     total: int | None = None,
     on_progress: Callable[[BatchStats], None] | None = None,
     pauses: PauseSettings | None = None,
+    max_credits: float | None = None,
 ) -> BatchStats:
     """Run every job of ``jobs`` on ``client_name``/``model``; files and results.jsonl go to ``out_dir``.
 
@@ -1012,7 +1092,13 @@ async def run_batch(
     pauses the batch (``pauses``, default ``PauseSettings()``); after too many outages in
     a row, or at once when the session closes, the account is refused or the journal
     cannot be written, the batch stops: ``stats.stopped`` says why, ``stats.pending``
-    counts the jobs left unsent, and a rerun sends them.
+    counts the jobs left unsent, and a rerun sends them. An account stop (401 bad key, 402
+    no credits, 403 no balance or access) stops sending at once but follows the running
+    tasks to their end (``stats.account_stopped``).
+
+    ``max_credits``: never start a job that could take this run past that many credits
+    (the model's ``credits_cost`` from ``client.models()``; nananobanana); the batch then
+    stops as for an account stop. ``stats.credits_used`` sums what the creates cost.
 
     Raises ``ConfigurationError`` for a missing key, a journal of another batch, a changed
     input, or a directory holding earlier results its journal does not cover (missing,
@@ -1027,12 +1113,15 @@ async def run_batch(
         raise ConfigurationError(f"timeout must be a number of seconds above 0, got {timeout!r}")
     client = session.client(client_name)
     client.check_ready()
+    budget = None if max_credits is None else await _credit_budget(client, model, max_credits)
     directory = Path(out_dir)
     stats = BatchStats(total=total)
     with _opened(directory, None if journal is None else Path(journal), client.name, model) as (db, results):
         options = _Options(download, retry_failed, resubmit_uncertain, max_bytes, timeout)
         gate = _Gate(pauses or PauseSettings(), stats, lambda: on_progress(stats) if on_progress else None)
-        batch = _Batch(session, client, model, directory, db, results, stats, options, on_progress, gate)
+        batch = _Batch(
+            session, client, model, directory, db, results, stats, options, on_progress, gate, budget
+        )
         try:
             await batch.feed(jobs, concurrency)
         finally:

@@ -36,17 +36,19 @@ from .providers import CODECS
 T = TypeVar("T")
 
 EXIT_OK = 0  # every job done
-EXIT_FAILED = 1  # some job failed, is uncertain, or was left unfinished
+EXIT_FAILED = 1  # some job failed, is uncertain, or was left unfinished; or the account stopped it
 EXIT_USAGE = 2  # bad arguments, missing key, an output directory of another batch
 EXIT_STOPPED = 3  # a batch stopped early (provider unreachable, session closed); unsent jobs pending
 EXIT_INTERRUPTED = 130  # Ctrl-C; rerun the same command to resume
 
 EPILOG = """\
 keys: read from GET3W_API_KEY (get3w, get3w_v3), DH3_API_KEY, NANANOBANANA_API_KEY.
-exit codes: 0 every job done; 1 some job failed, is uncertain or unfinished;
-2 usage error (bad arguments, missing key, output directory of another batch, or one whose
-journal cannot account for its results); 3 the batch stopped early (provider or Redis
-unreachable, account refused): unsent jobs stay pending, rerun the same command to send them;
+exit codes: 0 every job done; 1 some job failed, is uncertain or unfinished, or the account
+stopped the batch (bad key, no credits or access, --max-credits reached: fix it and rerun;
+unsent jobs stay pending); 2 usage error (bad arguments, missing key, output directory of
+another batch, or one whose journal cannot account for its results); 3 the batch stopped
+early (provider or Redis unreachable, session closed): unsent jobs stay pending, rerun the
+same command to send them;
 130 interrupted (rerun the same command to resume)."""
 
 
@@ -95,6 +97,15 @@ def positive_float(text: str) -> float:
     return _checked(value, _config.number_problem(value))
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text!r}") from None
+    return _checked(value, _config.number_problem(value, low_inclusive=True))
+
+
 def base_url(text: str) -> str:
     """An http(s) origin (a path prefix allowed); the message never repeats credentials."""
     return _checked(text, _config.origin_problem(text))
@@ -119,6 +130,11 @@ def _provider_options() -> argparse.ArgumentParser:
         "--rate", type=positive_float, help="creates per second (default: dh3 3, others unpaced)"
     )
     group.add_argument("--timeout", type=positive_float, help="seconds a job may take (default 3600)")
+    group.add_argument(
+        "--max-concurrent",
+        type=positive_int,
+        help="the most tasks the account runs at once (default: learned from the provider's refusals)",
+    )
     group.add_argument(
         "--first-poll",
         type=positive_float,
@@ -189,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-download", action="store_true", help="record the URLs, save no files")
     batch.add_argument(
         "--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="size cap of one output file"
+    )
+    batch.add_argument(
+        "--max-credits",
+        type=non_negative_float,
+        help="start no job that could take this run past this many credits (nananobanana)",
     )
     default_pauses = PauseSettings()
     batch.add_argument(
@@ -279,6 +300,7 @@ def _session(args: argparse.Namespace) -> AsyncSession:
             max_interval=max(30.0, args.min_poll_interval),
         ),
         task_timeout=args.timeout or 3600.0,
+        max_concurrent={name: args.max_concurrent} if args.max_concurrent is not None else None,
     )
 
 
@@ -335,6 +357,7 @@ async def _batch(args: argparse.Namespace, console: Console) -> int:
                     cap=max(args.first_pause, PauseSettings().cap),
                     max_pauses=args.max_pauses,
                 ),
+                max_credits=args.max_credits,
             )
     print_table(console, "batch summary", SUMMARY_COLUMNS, [summary_row(label, stats)])
     console.print(f"results: {args.out_dir / RESULTS_NAME}", highlight=False, soft_wrap=True)
@@ -356,5 +379,7 @@ async def _batch(args: argparse.Namespace, console: Console) -> int:
         )
         console.print(message, highlight=False, soft_wrap=True)
         print(f"image-gen-async: {message}", file=sys.stderr)
-        return EXIT_STOPPED
+        # The account's stop (key, credits, access, the credit budget) is a failure to fix and
+        # rerun (exit 1); an outage or a closed session is a stop to rerun as it is (exit 3).
+        return EXIT_FAILED if stats.account_stopped else EXIT_STOPPED
     return EXIT_OK if stats.ok else EXIT_FAILED

@@ -40,8 +40,9 @@ class Snapshot:
     poll_url: str | None = None
     # A status word no table knows, taken as still running (the follower warns once per job).
     unknown_status: str | None = None
-    # The account's balance after this create, where the provider says (nananobanana).
+    # The account's balance after this create, and what it cost, where the provider says.
     remaining_credits: float | None = None
+    credits_used: float | None = None
 
 
 @attrs.frozen
@@ -291,7 +292,9 @@ class Codec(abc.ABC):
                 raw=raw,
                 credits_used=credits_used,
             )
-        return Snapshot(task_id, status, result, estimated_duration, poll_url, unknown, remaining_credits)
+        return Snapshot(
+            task_id, status, result, estimated_duration, poll_url, unknown, remaining_credits, credits_used
+        )
 
 
 def require_prompt(provider: str, prompt: object) -> str:
