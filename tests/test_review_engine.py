@@ -464,3 +464,55 @@ async def test_review_slow_downloads_starve_every_create_and_poll(
         for download in downloads:
             download.cancel()
         await asyncio.gather(*downloads, return_exceptions=True)
+
+
+# Bad ids and bad input.
+
+
+@pytest.mark.xfail(
+    strict=True, reason="get3w poll_request: quote() of a lone-surrogate id raises UnicodeEncodeError"
+)
+async def test_review_a_lone_surrogate_task_id_fails_the_handle_untyped(
+    make_session: SessionFactory, odd_server: Any
+) -> None:
+    # Valid JSON ("t\ud800" escaped) from a paid create; the id can never be put in a URL.
+    calls = 0
+
+    async def create(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        await request.read()
+        return web.Response(body=b'{"id": "t\\ud800", "status": "created"}', content_type="application/json")
+
+    url = await odd_server({V1_CREATE: create})
+    session = make_session(base_urls={"get3w": url}, task_timeout=1.0)
+    outcomes = []
+    try:
+        outcomes.append(
+            await asyncio.gather(await session.get3w.submit(V1_MODEL, prompt="a fox"), return_exceptions=True)
+        )
+    except Exception as error:  # a typed refusal at submit is fine too
+        outcomes.append([error])
+    try:
+        outcomes.append(
+            await asyncio.gather(session.get3w.resume("r\ud800", V1_MODEL), return_exceptions=True)
+        )
+    except Exception as error:
+        outcomes.append([error])
+    assert calls == 1
+    assert all(_typed_or_handle(outcome[0]) for outcome in outcomes), outcomes
+
+
+@pytest.mark.xfail(
+    strict=True, reason="nananobanana submit_request never checks the model: the create is paid"
+)
+@pytest.mark.parametrize("model", [None, "", 7])
+async def test_review_nananobanana_sends_a_create_for_a_model_that_is_not_a_name(
+    make_session: SessionFactory, odd_server: Any, model: Any
+) -> None:
+    create = Counted(NB_CREATED)
+    url = await odd_server({"POST /api/v1/generate": create})
+    session = make_session(base_urls={"nananobanana": url})
+    with pytest.raises(ImageGenError):
+        await session.nananobanana.submit(model, prompt="a fox")
+    assert create.calls == 0
