@@ -516,3 +516,25 @@ async def test_review_nananobanana_sends_a_create_for_a_model_that_is_not_a_name
     with pytest.raises(ImageGenError):
         await session.nananobanana.submit(model, prompt="a fox")
     assert create.calls == 0
+
+
+@pytest.mark.xfail(
+    strict=True, reason="call_timeout takes any tiny positive number: the create is paid, then never polled"
+)
+@pytest.mark.parametrize("timeout", [1e-300, 1e-9])
+async def test_review_a_tiny_timeout_pays_for_a_task_it_never_looks_at(
+    make_session: SessionFactory, odd_server: Any, timeout: float
+) -> None:
+    # timeout=0 is refused before sending ("a deadline that cannot work must not cost a task");
+    # 1e-9 is the same deadline, yet the create goes out and the handle ends with 0 polls.
+    create = Counted({"id": "t1", "status": "created"})
+    done = Counted({"id": "t1", "status": "completed", "outputs": ["https://x.test/a.png"]})
+    url = await odd_server({V1_CREATE: create, "GET /v1/requests/t1": done})
+    session = make_session(base_urls={"get3w": url})
+    try:
+        handle = await session.get3w.submit(V1_MODEL, prompt="a fox", timeout=timeout)
+    except ImageGenError:
+        assert create.calls == 0  # refused before sending: fine
+        return
+    await asyncio.gather(handle, return_exceptions=True)
+    assert done.calls >= 1, "a paid task was never polled before its deadline"
