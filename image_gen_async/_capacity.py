@@ -5,8 +5,8 @@ Providers cap the tasks an account runs at once (nananobanana 503 ``server_busy`
 refusals, so every create first takes a slot here, and a task holds it from its create
 until its handle is done (a sync ``generate()`` holds it while its request runs).
 
-The window is the configured ``max_concurrent``, or learned: it starts small and grows by
-half per round of accepted creates until the first refusal; a refusal
+The window is the configured ``max_concurrent``, or learned: it starts small and doubles
+per round of accepted creates until the first refusal; a refusal
 shrinks it to what is in flight (or to ``activeTasks`` when the server says fewer), so new
 creates wait until a task of that key finishes; after that it grows by one per
 ``GROWTH_PER_WINDOW`` windows of accepted creates, a slow probe for a raised cap. Waiters
@@ -28,15 +28,13 @@ from .errors import AdmissionTimeoutError, APIError, ImageGenError
 
 log = logging.getLogger("image_gen_async")
 
-# Answers that say the account cannot run anything now: invalid key, no credits, no balance/access.
-ACCOUNT_STOPS = frozenset({401, 402, 403})
-# A learned window starts here and grows by half per round of accepted creates until a refusal
-# (by one per SLOW_START accepted creates): the creates already on the wire when the first
-# refusal comes back overshoot the cap by at most half of it.
+# A learned window starts here and doubles per round of accepted creates until a refusal (one
+# more per SLOW_START accepted creates): an account without a cap is soon unbounded, and the
+# creates on the wire when the first refusal comes back overshoot a cap by at most itself.
 INITIAL_WINDOW = 8
-SLOW_START = 2
+SLOW_START = 1
 # Once a refusal has shown the cap, the window grows by one per this many windows of creates.
-GROWTH_PER_WINDOW = 8
+GROWTH_PER_WINDOW = 16
 # A refusal while nothing of ours is in flight (others use the key): wait this long, doubling.
 IDLE_PAUSE = 0.5
 MAX_IDLE_PAUSE = 30.0
@@ -62,8 +60,12 @@ class Slot:
 class CapacityGate(Protocol):
     """What the engine needs from a capacity gate."""
 
-    async def admit(self, deadline: float | None) -> Slot:
-        """Wait (FIFO) for a place; ``AdmissionTimeoutError`` once the loop clock passes ``deadline``."""
+    async def admit(self, deadline: float | None, *, first: bool = False) -> Slot:
+        """Wait (FIFO) for a place; ``AdmissionTimeoutError`` once the loop clock passes ``deadline``.
+
+        ``first``: a create refused for capacity asks again at the head of the queue (it is
+        the oldest waiter).
+        """
         ...
 
     @property
@@ -113,13 +115,16 @@ class LocalGate:
     def _has_room(self) -> bool:
         return self.in_flight < self.window and asyncio.get_running_loop().time() >= self._paused_until
 
-    async def admit(self, deadline: float | None) -> Slot:
-        if not self._waiters and self._has_room():
+    async def admit(self, deadline: float | None, *, first: bool = False) -> Slot:
+        if (first or not self._waiters) and self._has_room():
             self.in_flight += 1
             return Slot(self)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             if deadline is None:
                 await waiter
@@ -169,9 +174,8 @@ class LocalGate:
             loop = asyncio.get_running_loop()
             pause = min(retry_after, self._max_pause) if retry_after is not None else self._pause
             self._pause = min(self._max_pause, self._pause * 2)
-            self._paused_until = loop.time() + pause
-            if self._wake is None:
-                self._wake = loop.call_at(self._paused_until, self._resume)
+            self._paused_until = max(self._paused_until, loop.time() + pause)
+            self._arm_wake()
             window = 1
         previous, self.window = self.window, max(1, window)
         if self.window < previous:
@@ -190,8 +194,19 @@ class LocalGate:
         if not waiter.done():
             waiter.cancel()
 
+    def _arm_wake(self) -> None:
+        """One timer, at the end of the latest pause."""
+        if self._wake is not None and self._wake.when() >= self._paused_until:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = asyncio.get_running_loop().call_at(self._paused_until, self._resume)
+
     def _resume(self) -> None:
         self._wake = None
+        if asyncio.get_running_loop().time() < self._paused_until:
+            self._arm_wake()  # woken early (clock resolution): wait out the rest
+            return
         self._serve()
 
     def _release(self) -> None:

@@ -66,8 +66,10 @@ def classify_create(
         return Verdict.UNCERTAIN  # an error that names a task may still have made it
     if http_status >= 500:
         # Whatever the body says: a 500 may have made the task. A 503 is the documented
-        # "busy, nothing made" (nananobanana refunds it).
-        return Verdict.REFUSED if http_status == 503 else Verdict.UNCERTAIN
+        # "busy, nothing made" (nananobanana refunds it) — unless its body says a server
+        # error of another kind, which may have made the task too.
+        busy = http_status == 503 and error_status in (None, 429, 503)
+        return Verdict.REFUSED if busy else Verdict.UNCERTAIN
     if error_status is not None:
         if error_status in (429, 503):
             return Verdict.REFUSED

@@ -19,7 +19,7 @@ import attrs
 from yarl import URL
 
 from . import _json
-from ._capacity import ACCOUNT_STOPS, Slot
+from ._capacity import Slot
 from ._classify import Failure, Verdict, classify_create, classify_poll
 from ._polling import PollSettings
 from ._ratelimit import Limiter, Ticket
@@ -34,6 +34,7 @@ from ._transport import (
     without_query,
 )
 from .errors import (
+    AdmissionTimeoutError,
     APIError,
     ConfigurationError,
     ImageGenError,
@@ -151,7 +152,10 @@ def read_answer(target: Target, answer: Answer) -> Reading:
         snippet = target.mask(answer.raw[:80].decode("utf-8", "replace"))
         error = ProtocolError(f"{codec.name}: answer is not JSON (HTTP {status}): {snippet!r}", field="$")
         return Reading(body, None, error, Failure.NOT_JSON)
-    report = codec.error_of(status, None if body is _NOT_JSON else body)
+    try:
+        report = codec.error_of(status, None if body is _NOT_JSON else body)
+    except Exception as odd:
+        return Reading(body, None, unreadable(codec, odd), Failure.BAD_SHAPE)
     if report is None:
         return Reading(body, None, None, None)
     error = api_error(
@@ -208,6 +212,7 @@ class Engine:
         read_timeout: float | None = None,
         before_send: Callable[[], object] | None = None,
         deadline: float | None = None,
+        hold_uncertain: float | None = None,
     ) -> Created:
         """Admit, pace and send a create; retry only what cannot have made a task.
 
@@ -220,7 +225,9 @@ class Engine:
         before each attempt goes out (awaited if it returns an awaitable). A ``submit()``
         cancelled after its request went out keeps reading the answer in the background and
         records the task it made (``session.orphans``). The accepted create's slot is the
-        caller's to release when the task is done.
+        caller's to release when the task is done. ``deadline`` also bounds the rate-limit
+        wait, every exchange and every retry; ``hold_uncertain``: seconds an uncertain create
+        keeps its slot (its task may be running), else it is given back at once.
         """
         body = encode_body(request)
         limit = self.transport.exchange_limit(read_timeout)
@@ -228,17 +235,28 @@ class Engine:
         retries = refusals = 0
         sent_at = 0.0
 
+        loop = asyncio.get_running_loop()
+
         async def attempt() -> Snapshot:
             nonlocal sent_at
             limiter = target.limiter
-            ticket = _ready(limiter) or await limiter.acquire()
+            ticket = _ready(limiter)
+            if ticket is None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        ticket = await limiter.acquire()
+                except TimeoutError:
+                    raise AdmissionTimeoutError(
+                        f"{target.name}: no rate-limit turn within the job's deadline; nothing was sent"
+                    ) from None
             try:
                 account.check(target.name)  # the circuit may have opened while this create waited
                 if before_send is not None:
                     pending = before_send()
                     if inspect.isawaitable(pending):
                         await pending
-                answer = await self._send_create(target, model, request, body, limit, read_timeout, ticket)
+                span = limit if deadline is None else max(0.0, min(limit, deadline - loop.time()))
+                answer = await self._send_create(target, model, request, body, span, read_timeout, ticket)
             except TransportError as error:
                 verdict = classify_create(
                     sent=ticket.was_sent, http_status=None, failure=transport_failure(error)
@@ -264,13 +282,14 @@ class Engine:
             retries += 1
             log.warning("%s create retry %d in %.2f s: %s", target.name, tries, wait, describe(error))
 
-        loop = asyncio.get_running_loop()
         waits = backoff_steps(self.settings.retry_base, self.settings.retry_cap)
+        again = False  # a create refused for capacity asks again at the head of the queue
         while True:
             account.check(target.name)
-            slot = await account.gate.admit(deadline)
+            slot = await account.gate.admit(deadline, first=again)
+            again = False
             try:
-                snapshot = await retrying(attempt, self.create_budget, on_retry=on_retry)
+                snapshot = await retrying(attempt, self.create_budget, deadline=deadline, on_retry=on_retry)
             except Refused as refused:
                 refusals += 1
                 self.refusals += 1
@@ -278,6 +297,7 @@ class Engine:
                 retry_after = getattr(error, "retry_after", None)
                 if refusal.capacity:
                     account.gate.refused(slot, refusal.active, retry_after)
+                    again = True
                     continue  # the gate holds the next try until a task of this key finishes
                 slot.release()
                 # A rate refusal: the limiter slows down; an unpaced one needs a wait of its own.
@@ -288,8 +308,13 @@ class Engine:
                 await asyncio.sleep(wait)
                 continue
             except BaseException as error:
-                slot.release()
-                if isinstance(error, APIError) and error.status in ACCOUNT_STOPS:
+                if isinstance(error, SubmitUncertainError) and hold_uncertain:
+                    loop.call_later(hold_uncertain, slot.release)  # its task may hold the place
+                else:
+                    slot.release()
+                if isinstance(error, APIError) and target.codec.stops_account(
+                    ErrorReport(error.status, error.code, error.message)
+                ):
                     account.block(error)
                 raise
             account.gate.accepted()
@@ -316,10 +341,13 @@ class Engine:
         try:
             return await asyncio.shield(sending)
         except asyncio.CancelledError:
-            if sending.done() or not ticket.was_sent:
+            if not ticket.was_sent:
                 sending.cancel()  # nothing went out: nothing to recover
                 raise
-            sending.add_done_callback(lambda done: self._orphaned(target, model, done))
+            if sending.done():
+                self._orphaned(target, model, sending)  # answered in the very turn it was cancelled
+            else:
+                sending.add_done_callback(lambda done: self._orphaned(target, model, done))
             raise
 
     def _orphaned(self, target: Target, model: str, sending: asyncio.Future[Answer]) -> None:
@@ -413,11 +441,12 @@ class Engine:
         url: URL | None = None,
         on_retry: Callable[[int, float, ImageGenError], None] | None = None,
         past_deadline: Callable[[ImageGenError], BaseException] | None = None,
+        budget: RetryBudget | None = None,
     ) -> T:
         """A GET of the provider's (a status, the credits, the models), read by ``reader``.
 
-        Retried on transient failures within the poll budget and ``deadline``; ``reader``
-        raises ``ProtocolError`` for a body of the wrong shape.
+        Retried on transient failures within ``budget`` (default: the poll budget) and
+        ``deadline``; ``reader`` raises ``ProtocolError`` for a body of the wrong shape.
         """
         transport = self.transport
         loop = asyncio.get_running_loop()
@@ -441,7 +470,11 @@ class Engine:
             raise refusal
 
         return await retrying(
-            attempt, self.poll_budget, deadline=deadline, on_retry=on_retry, past_deadline=past_deadline
+            attempt,
+            budget or self.poll_budget,
+            deadline=deadline,
+            on_retry=on_retry,
+            past_deadline=past_deadline,
         )
 
 
@@ -456,9 +489,11 @@ def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
     snapshot = None
     if error is None:
         try:
-            snapshot = codec.read_submit(model, body)
+            snapshot = checked_snapshot(codec, codec.read_submit(model, body))
         except ProtocolError as bad_shape:
             error, failure = bad_shape, Failure.BAD_SHAPE
+        except Exception as odd:
+            error, failure = unreadable(codec, odd), Failure.BAD_SHAPE
     task_id = None if body is _NOT_JSON or snapshot is not None else _task_id_of(codec, body)
     verdict = classify_create(
         sent=True,
@@ -469,7 +504,10 @@ def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
     )
     refusal = None
     if verdict is Verdict.REFUSED and report is not None:
-        refusal = codec.refusal_of(report, None if body is _NOT_JSON else body)
+        try:
+            refusal = codec.refusal_of(report, None if body is _NOT_JSON else body)
+        except Exception:
+            refusal = Refusal(capacity=False)
     return CreateReading(snapshot, error, verdict, task_id, refusal)
 
 
@@ -486,6 +524,8 @@ def read_reply(
             error, failure = other, Failure.OTHER_TASK
         except ProtocolError as bad_shape:
             error, failure = bad_shape, Failure.BAD_SHAPE
+        except Exception as odd:
+            error, failure = unreadable(target.codec, odd), Failure.BAD_SHAPE
     verdict = classify_poll(
         http_status=answer.status,
         error_status=report.status if report is not None else None,
@@ -496,9 +536,33 @@ def read_reply(
 
 def _task_id_of(codec: Codec, body: Any) -> str | None:
     try:
-        return codec.task_id_of(body)
-    except RecursionError:
+        task_id = codec.task_id_of(body)
+    except Exception:
         return None
+    return task_id if task_id is not None and usable_task_id(task_id) else None
+
+
+def usable_task_id(task_id: str) -> bool:
+    """A task id we can put in a URL and a journal: non-empty, valid Unicode, not absurdly long."""
+    if not task_id or len(task_id) > 1024:
+        return False
+    try:
+        task_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def checked_snapshot(codec: Codec, snapshot: Snapshot) -> Snapshot:
+    """A create's snapshot whose task id can be followed; else the answer is unreadable."""
+    if not usable_task_id(snapshot.task_id):
+        raise ProtocolError(f"{codec.name}: the answer's task id is not usable text", field="task id")
+    return snapshot
+
+
+def unreadable(codec: Codec, odd: Exception) -> ProtocolError:
+    """A codec meeting a value no document foresaw (a 400-digit number, a lone surrogate)."""
+    return ProtocolError(f"{codec.name}: the answer could not be read ({type(odd).__name__})", field="$")
 
 
 def _ready(limiter: Limiter) -> Ticket | None:

@@ -25,7 +25,14 @@ from ._engine import Engine
 from ._handle import TaskHandle
 from ._polling import PollPlanner, webhook_wait
 from ._transport import Target, describe
-from .errors import ContentPolicyError, ImageGenError, SessionClosedError, TaskFailedError, TaskTimeoutError
+from .errors import (
+    AuthenticationError,
+    ContentPolicyError,
+    ImageGenError,
+    SessionClosedError,
+    TaskFailedError,
+    TaskTimeoutError,
+)
 from .models import TaskResult, TaskStatus
 from .providers import HttpRequest, Snapshot
 
@@ -258,8 +265,11 @@ class Follower:
         self._timer = None
         try:
             now = self._loop.time()
-            if now >= self.deadline:
+            if now >= self.deadline and self._last_poll is not None:
                 raise self._late(now)
+            if now >= self._last_look and self._last_poll is None:
+                self._poll_now()  # a paid task is looked at once, however short its deadline
+                return
             follow = self._follow
             # While creates wait for this key's capacity, a job seen done late keeps a slot
             # idle: its polls come at half the growth.
@@ -275,30 +285,40 @@ class Follower:
             if due > now + SLACK:
                 self._timer = self._loop.call_at(due, self._plan, context=self._context)
             else:
-                # The task copies the context entered now (ours): under an eager task factory
-                # it starts at once, and a context cannot be entered twice.
-                task = self._loop.create_task(self._poll())
-                self._task = None if task.done() else task
+                self._poll_now()
         except Exception as error:  # every failure ends on the handle, never in a lost timer
             self._end(error)
+
+    def _poll_now(self) -> None:
+        # The task copies the context entered now (ours): under an eager task factory it
+        # starts at once, and a context cannot be entered twice.
+        task = self._loop.create_task(self._poll())
+        self._task = None if task.done() else task
 
     async def _poll(self) -> None:
         follow, handle, target = self._follow, self._handle, self._target
         try:
             now = self._loop.time()
+            last_poll_age = self._last_poll
             self._last_poll = last_poll = now - self.accepted
             try:
+                # A first look due only at the last look (a tiny deadline) gets one whole exchange.
+                deadline = self.deadline
+                if last_poll_age is None and now >= self._last_look:
+                    deadline = max(deadline, now + follow.engine.transport.exchange_limit())
                 snapshot = await follow.engine.poll(
                     target,
                     handle.task_id,
                     handle.model,
                     self._request,
-                    deadline=self.deadline,
+                    deadline=deadline,
                     url=self._url,
                     on_retry=self._on_retry,
                     past_deadline=self._late_after,
                 )
             except ImageGenError as error:
+                if isinstance(error, AuthenticationError):
+                    target.account.block(error)  # the key was revoked: no more creates with it
                 now = self._loop.time()
                 if now >= self.deadline and not isinstance(error, TaskTimeoutError):
                     raise self._late(now) from None
@@ -311,7 +331,7 @@ class Follower:
                     "%s task %s: unknown status %r, taken as still running",
                     target.name,
                     handle.task_id,
-                    snapshot.unknown_status,
+                    target.mask(snapshot.unknown_status[:80]),
                 )
             if snapshot.result is not None:
                 took = (self._last_running, last_poll) if self._learn else None

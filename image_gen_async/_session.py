@@ -15,7 +15,7 @@ from yarl import URL
 from . import _config
 from ._backend import LimiterBackend, LocalBackend
 from ._capacity import Account, CapacityGate, LocalGate, Slot
-from ._engine import Engine, EngineSettings, OrphanedTask
+from ._engine import Engine, EngineSettings, OrphanedTask, usable_task_id
 from ._follow import Follow
 from ._handle import TaskHandle
 from ._polling import PollSettings
@@ -83,7 +83,9 @@ class ProviderClient:
         """The account's balance (nananobanana ``GET /api/v1/credits``); ``NotSupportedError`` elsewhere."""
         target = self._ready_target()
         request = self._supported(target.codec.credits_request(), "credits")
-        credits = await self._session._engine.read(target, request, target.codec.read_credits)
+        engine = self._session._engine
+        # A one-off read: a create's count of tries, not the poll budget's "until the deadline".
+        credits = await engine.read(target, request, target.codec.read_credits, budget=engine.create_budget)
         target.account.remaining_credits = credits
         return credits
 
@@ -91,7 +93,8 @@ class ProviderClient:
         """The provider's models (nananobanana ``GET /api/v1/models``); ``NotSupportedError`` elsewhere."""
         target = self._ready_target()
         request = self._supported(target.codec.models_request(), "models")
-        return await self._session._engine.read(target, request, target.codec.read_models)
+        engine = self._session._engine
+        return await engine.read(target, request, target.codec.read_models, budget=engine.create_budget)
 
     def _supported(self, request: HttpRequest | None, call: str) -> HttpRequest:
         if request is None:
@@ -104,6 +107,13 @@ class ProviderClient:
         Lets a pipeline fail on a missing key before it records or sends anything.
         """
         self._ready_target()
+
+    def _ready_model(self, model: object) -> Target:
+        """The target, once the model is a name (a create for no model must never be paid)."""
+        if not isinstance(model, str) or not model.strip():
+            shown = _config.shown(model)
+            raise InvalidRequestError(f"{self.name}: model must be a non-empty str, got {shown}")
+        return self._ready_target()
 
     def _ready_target(self) -> Target:
         self._session._engine.check_open()  # SessionClosedError once the session is closed
@@ -141,17 +151,28 @@ class ProviderClient:
         """
         # Checked before the create is sent: a deadline that cannot work must not cost a task.
         timeout = _config.call_timeout(timeout)
-        target = self._ready_target()
+        target = self._ready_model(model)
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
         engine = self._session._engine
         created = await engine.create(
-            target, model, request, before_send=before_create, deadline=self._deadline(timeout)
+            target,
+            model,
+            request,
+            before_send=before_create,
+            deadline=self._deadline(timeout),
+            hold_uncertain=self._hold_uncertain(model),
         )
         return self._follow(
             created.snapshot, model, created.retries, timeout, webhook=webhook, slot=created.slot
         )
+
+    def _hold_uncertain(self, model: str) -> float | None:
+        """How long an uncertain create keeps its capacity slot: as long as its task may run,
+        when jobs of this model have shown it (else it is given back at once)."""
+        longest = self._session._follow.planner.upper_bound((self.name, model), None)
+        return None if longest is None else longest * 1.25
 
     def _deadline(self, timeout: float | None) -> float:
         """How long a job may wait for capacity (loop clock): its own ``timeout``, from now."""
@@ -185,7 +206,7 @@ class ProviderClient:
         """
         # Checked before the create is sent: a deadline that cannot work must not cost a task.
         timeout = _config.call_timeout(timeout)
-        target = self._ready_target()
+        target = self._ready_model(model)
         engine = self._session._engine
         webhook_url = await self._callback_url(webhook, webhook_url)
         sync = target.codec.has_sync_mode and webhook_url is None
@@ -198,7 +219,12 @@ class ProviderClient:
                 else min(timeout, engine.settings.sync_timeout)
             )
         created = await engine.create(
-            target, model, request, read_timeout=read_timeout, deadline=self._deadline(timeout)
+            target,
+            model,
+            request,
+            read_timeout=read_timeout,
+            deadline=self._deadline(timeout),
+            hold_uncertain=self._hold_uncertain(model),
         )
         # Timed from when the request went out (pool and limiter waits are not job time):
         # exact when sync mode answered with the result.
@@ -227,13 +253,15 @@ class ProviderClient:
         timeout: float | None = None,
     ) -> TaskHandle:
         """A handle for a task created earlier (e.g. by a process that died): polls, never creates."""
-        if not isinstance(task_id, str) or not task_id.strip():
-            raise InvalidRequestError(f"task_id must be a non-empty str, got {_config.shown(task_id)}")
+        if not isinstance(task_id, str) or not task_id.strip() or not usable_task_id(task_id):
+            raise InvalidRequestError(
+                f"task_id must be a non-empty str of valid text, got {_config.shown(task_id)}"
+            )
         timeout = _config.call_timeout(timeout)
         estimated_duration = _config.optional_positive_number(
             "estimated_duration", estimated_duration, error=InvalidRequestError
         )
-        target = self._ready_target()
+        target = self._ready_model(model)
         snapshot = Snapshot(task_id, TaskStatus.QUEUED, estimated_duration=estimated_duration)
         # The task runs at the provider: it holds a place in the key's window, even over it.
         slot = target.account.gate.occupy()

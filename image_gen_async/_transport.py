@@ -36,8 +36,9 @@ from .providers import Codec, HttpRequest
 log = logging.getLogger("image_gen_async")
 
 USER_AGENT = "image-gen-async/0.1"
-# A status answer larger than this (decoded) is not an API answer.
-MAX_ANSWER_BYTES = 8 * 1024 * 1024
+# A status answer larger than this (decoded) is not an API answer. (JSON parses to many
+# times its bytes in objects: 1 MiB of "{}," is some 25 MB of dicts.)
+MAX_ANSWER_BYTES = 1024 * 1024
 CHUNK = 64 * 1024
 # Only encodings aiohttp inflates in bounded steps are asked for.
 ACCEPT_ENCODING = "gzip, deflate"
@@ -195,6 +196,8 @@ class Transport:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._http: aiohttp.ClientSession | None = None
+        # Downloads have a pool of their own: slow storage hosts must not starve the API.
+        self._files: aiohttp.ClientSession | None = None
         self.closed = False
 
     def http(self) -> aiohttp.ClientSession:
@@ -214,11 +217,25 @@ class Transport:
             )
         return self._http
 
+    def files(self) -> aiohttp.ClientSession:
+        """The session downloads use: same timeouts, a separate pool, no API headers."""
+        self.http()  # SessionClosedError once closed
+        if self._files is None:
+            self._files = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+                ),
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+            )
+        return self._files
+
     async def close(self) -> None:
         self.closed = True
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        for http in (self._http, self._files):
+            if http is not None:
+                await http.close()
+        self._http = self._files = None
 
     def exchange_limit(self, read_timeout: float | None = None) -> float:
         """The default total time of one exchange: connecting, then reading the answer."""
@@ -286,7 +303,7 @@ class Transport:
         The caller reads the body inside the block (``read_capped``).
         """
         async with asyncio.timeout(max(0.0, limit)):
-            async with self.http().get(url, headers={"Accept": accept}) as response:
+            async with self.files().get(url, headers={"Accept": accept}) as response:
                 yield response
 
 

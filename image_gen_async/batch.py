@@ -774,9 +774,10 @@ class _Batch:
             )
             return
         except ImageGenError as error:
-            if submit_outcome(error) == "stop":
+            account = isinstance(error, _ACCOUNT_STOPS)
+            if submit_outcome(error) == "stop" and (not account or self.client.blocked is not None):
                 # The session closed or the account is refused while a task was followed.
-                self.gate.stop(_describe(error), finish_running=isinstance(error, _ACCOUNT_STOPS))
+                self.gate.stop(_describe(error), finish_running=account)
             if not isinstance(error, TaskFailedError) and self._polling(job.line):
                 # The task exists and may still finish (a poll gave up, a timeout, a 5xx
                 # after the retries, the session closed): it stays paid for, and a rerun
@@ -882,6 +883,8 @@ class _Batch:
                 )
             except Exception as error:
                 outcome = submit_outcome(error)
+                if outcome == "stop" and isinstance(error, _ACCOUNT_STOPS) and self.client.blocked is None:
+                    outcome = "failed"  # a refusal of this job (one model's plan), not of the account
                 if budget is not None:
                     # An uncertain create may have been charged: keep its reservation as spent.
                     budget.settle(None) if outcome == "uncertain" else budget.release()

@@ -76,9 +76,12 @@ def check_url(url: str, where: str) -> None:
     """Refuse anything but an absolute http(s) URL (``file://``, ``ftp://``, relative paths)."""
     try:
         parsed = URL(url)
+        host = parsed.host  # decoding an IDNA host can fail (UnicodeError is a ValueError)
+        if host:
+            host.encode("idna")  # ... and so can encoding it for the connection (a 70-char label)
     except (TypeError, ValueError):
         raise DownloadError(f"{where}: not a URL") from None
-    if parsed.scheme.lower() not in ("http", "https") or not parsed.host:
+    if parsed.scheme.lower() not in ("http", "https") or not host:
         scheme = parsed.scheme or "relative"
         raise DownloadError(f"{where}: refusing a {scheme!r} URL; only http(s) is downloaded")
 

@@ -123,15 +123,15 @@ async def test_a_refusal_with_nothing_in_flight_pauses_then_tries_one() -> None:
 # Against the emulator's caps: thousands of jobs wait their turn instead of failing.
 
 
-async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete() -> None:
-    """The cap learned from refusals and kept full; the emulator in its own process (its own core)."""
-    jobs, cap, duration = 1000, 10, 0.05
+async def gathered_against_a_cap(jobs: int, cap: int, duration: float) -> tuple[float, dict[str, Any]]:
+    """``jobs`` submits gathered at once against an account running ``cap`` tasks (cap learned);
+    the emulator in its own process (its own core). Elapsed seconds and the server's counters."""
     args = ("--duration", str(duration), "--max-concurrent", f"nananobanana={cap}", "--no-record")
     async with EmulatorProcess(*args) as emulator:
         async with AsyncSession(
             api_keys={"nananobanana": KEYS["nananobanana"]},
             base_urls={"nananobanana": emulator.url},
-            polling=KEEN,
+            polling=QUICK,
             retry_base=0.01,
             retry_cap=0.05,
         ) as session:
@@ -145,15 +145,29 @@ async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete() -> None:
         stats = await emulator.stats()
     assert all(result.ok for result in results)
     assert stats["creates"]["nananobanana"] == jobs
-    assert stats["capacity_refusals"].get("nananobanana", 0) <= 0.05 * jobs
     assert max(stats["peak_running"]["nananobanana"].values()) <= cap
+    return elapsed, stats
+
+
+async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete_with_few_refusals() -> None:
+    jobs = 1000
+    _, stats = await gathered_against_a_cap(jobs, 10, 0.01)
+    assert stats["capacity_refusals"].get("nananobanana", 0) <= 0.05 * jobs
+
+
+async def test_the_cap_is_kept_full() -> None:
+    """Elapsed within 1.15x of what the cap allows (jobs long enough that a loopback round trip
+    per turn is not the measure; benchmarks/capacity.py runs the 1000-job figure)."""
+    jobs, cap, duration = 200, 10, 0.15
+    elapsed, _ = await gathered_against_a_cap(jobs, cap, duration)
     assert elapsed <= 1.15 * jobs * duration / cap, elapsed
 
 
 async def test_get3w_429_cap_learned_the_same_way(make_session: SessionFactory, emulator: Emulator) -> None:
-    jobs, cap = 300, 20
-    emulator.config.duration = 0.02
+    jobs, cap = 600, 20  # refusals come in the first overshoot only: enough jobs to see that
+    emulator.config.duration = 0.05
     emulator.config.max_concurrent = {"get3w": cap}
+    emulator.config.record_requests = False
     session = make_session(polling=QUICK)
     handles = await asyncio.gather(
         *(session.get3w.submit(MODELS["get3w"], prompt=f"f{i}") for i in range(jobs))

@@ -36,6 +36,7 @@ CREATE_TABLE: list[tuple[bool, int | None, int | None, bool, Failure | None, Ver
     (True, 503, 503, False, None, X),
     (True, 503, None, False, Failure.NOT_JSON, X),
     (True, 503, 503, True, None, U),
+    (True, 503, 500, False, None, U),  # a 503 whose body says "server error" may have made it
     (True, 500, 500, False, None, U),
     (True, 500, 503, False, None, U),
     (True, 500, 429, False, None, U),
@@ -94,6 +95,8 @@ def test_no_unsent_create_is_ever_uncertain_and_no_sent_5xx_but_503_is_retried()
                     )
                     if status is not None and status >= 500 and status != 503:
                         assert verdict not in (R, X), (status, error_status, names_task, failure)
+                    if status == 503 and error_status is not None and error_status not in (429, 503):
+                        assert verdict is U, (error_status, names_task, failure)
                     if verdict is X:
                         assert not names_task and (status in (429, 503) or error_status in (429, 503))
                     if names_task and (error_status is not None or failure is not None) and status:

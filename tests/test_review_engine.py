@@ -66,10 +66,6 @@ def _typed_or_handle(outcome: object) -> bool:
 # Lose nothing that was paid for.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_send_create: a cancel delivered as the create's answer lands is taken as 'nothing went out'",
-)
 async def test_review_cancel_as_the_answer_lands_loses_the_paid_task(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -102,9 +98,6 @@ async def test_review_cancel_as_the_answer_lands_loses_the_paid_task(
     assert [o.task_id for o in session.orphans] == ["g1"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="providers._base.number: math.isfinite(huge int) raises OverflowError, uncaught"
-)
 @pytest.mark.parametrize(
     ("client", "route", "model", "answer", "task_id"),
     [
@@ -136,10 +129,6 @@ async def test_review_huge_number_in_an_informational_field_of_a_create_answer(
     assert getattr(outcome, "task_id", None) == task_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="providers._base.success_code: '²'.isdigit() is True but int('²') raises ValueError, uncaught",
-)
 async def test_review_superscript_digit_code_escapes_untyped_after_the_create(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -152,7 +141,6 @@ async def test_review_superscript_digit_code_escapes_untyped_after_the_create(
     assert isinstance(caught.value, SubmitUncertainError) and caught.value.task_id == "t1"
 
 
-@pytest.mark.xfail(strict=True, reason="an OverflowError/ValueError from a codec fails the handle untyped")
 @pytest.mark.parametrize(
     ("client", "routes", "model"),
     [
@@ -207,9 +195,6 @@ async def test_review_hostile_number_in_a_poll_answer_fails_the_handle_untyped(
     assert _typed_or_handle(outcome[0]), repr(outcome[0])  # today: OverflowError / ValueError
 
 
-@pytest.mark.xfail(
-    strict=True, reason="OverflowError from whole_number(activeTasks) escapes the refusal path"
-)
 async def test_review_huge_active_tasks_in_a_busy_refusal(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -231,10 +216,6 @@ async def test_review_huge_active_tasks_in_a_busy_refusal(
 # Never pay twice.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_classify: any HTTP 503 is a refusal, even when the body says the server failed (code 500)",
-)
 async def test_review_get3w_503_whose_body_says_server_error_is_sent_again(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -249,9 +230,6 @@ async def test_review_get3w_503_whose_body_says_server_error_is_sent_again(
     assert isinstance(caught.value, SubmitUncertainError)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="error_report reads only int codes: dh3 code '500'/'401' under HTTP 200 become 400"
-)
 @pytest.mark.parametrize(("code", "expected"), [("500", "uncertain"), ("401", "circuit"), ("402", "circuit")])
 async def test_review_dh3_digit_string_codes_are_read_as_400(
     make_session: SessionFactory, odd_server: Any, code: str, expected: str
@@ -272,9 +250,6 @@ async def test_review_dh3_digit_string_codes_are_read_as_400(
 # Bounded in time.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Engine.read (credits/models): poll budget unbounded by default and no deadline"
-)
 @pytest.mark.parametrize("call", ["credits", "models"])
 async def test_review_credits_and_models_never_return_against_a_5xx(
     make_session: SessionFactory, odd_server: Any, call: str
@@ -296,7 +271,6 @@ def _refused_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.create: retrying() of creates is given no deadline")
 async def test_review_create_retries_outlive_the_submit_deadline(make_session: SessionFactory) -> None:
     # Connection refused: nothing is sent, so each try is a counted retry with a backoff wait.
     # 16 waits of up to 0.15 s (full jitter) sum to about 1.2 s; the job's deadline is 0.3 s.
@@ -312,9 +286,6 @@ async def test_review_create_retries_outlive_the_submit_deadline(make_session: S
     assert time.monotonic() - started <= 0.5
 
 
-@pytest.mark.xfail(
-    strict=True, reason="generate(): the sync exchange's limit is connect_timeout + timeout, not timeout"
-)
 async def test_review_sync_generate_outlives_its_timeout_against_a_trickle(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -338,9 +309,6 @@ async def test_review_sync_generate_outlives_its_timeout_against_a_trickle(
 # Typed errors, secrets.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="download.check_url reads URL.host outside its try: UnicodeError escapes"
-)
 @pytest.mark.parametrize("host", ["xn--.com", "a" * 70 + ".example"])
 async def test_review_download_of_an_idna_bad_host_escapes_untyped(
     make_session: SessionFactory, odd_server: Any, tmp_path: Path, host: str
@@ -364,7 +332,6 @@ async def test_review_download_of_an_idna_bad_host_escapes_untyped(
     assert not any(tmp_path.iterdir())  # noqa: ASYNC240 - a look at a test directory
 
 
-@pytest.mark.xfail(strict=True, reason="Follower logs an unknown status word unmasked: the key echoed shows")
 async def test_review_unknown_status_warning_shows_an_echoed_key(
     make_session: SessionFactory, odd_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -387,9 +354,6 @@ async def test_review_unknown_status_warning_shows_an_echoed_key(
 # Bounded in memory and in connections.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the 8 MiB cap is on bytes; parsed JSON of tiny items is ~25x that, kept in raw"
-)
 async def test_review_an_answer_under_the_byte_cap_parses_to_25x_its_size(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -416,9 +380,6 @@ async def test_review_an_answer_under_the_byte_cap_parses_to_25x_its_size(
     assert held < 16 << 20, f"{held >> 20} MiB held by one finished result"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="downloads share the API pool, each for up to download_timeout (600 s)"
-)
 async def test_review_slow_downloads_starve_every_create_and_poll(
     make_session: SessionFactory, odd_server: Any, tmp_path: Path
 ) -> None:
@@ -469,9 +430,6 @@ async def test_review_slow_downloads_starve_every_create_and_poll(
 # Bad ids and bad input.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="get3w poll_request: quote() of a lone-surrogate id raises UnicodeEncodeError"
-)
 async def test_review_a_lone_surrogate_task_id_fails_the_handle_untyped(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
@@ -503,9 +461,6 @@ async def test_review_a_lone_surrogate_task_id_fails_the_handle_untyped(
     assert all(_typed_or_handle(outcome[0]) for outcome in outcomes), outcomes
 
 
-@pytest.mark.xfail(
-    strict=True, reason="nananobanana submit_request never checks the model: the create is paid"
-)
 @pytest.mark.parametrize("model", [None, "", 7])
 async def test_review_nananobanana_sends_a_create_for_a_model_that_is_not_a_name(
     make_session: SessionFactory, odd_server: Any, model: Any
@@ -518,9 +473,6 @@ async def test_review_nananobanana_sends_a_create_for_a_model_that_is_not_a_name
     assert create.calls == 0
 
 
-@pytest.mark.xfail(
-    strict=True, reason="call_timeout takes any tiny positive number: the create is paid, then never polled"
-)
 @pytest.mark.parametrize("timeout", [1e-300, 1e-9])
 async def test_review_a_tiny_timeout_pays_for_a_task_it_never_looks_at(
     make_session: SessionFactory, odd_server: Any, timeout: float

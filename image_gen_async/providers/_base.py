@@ -80,6 +80,11 @@ COMMON_STATUS_WORDS: Mapping[str, TaskStatus] = {
     ),
 }
 
+_ACCOUNT_WORDS = re.compile(
+    r"balance|credit|fund|access|enabled|activat|suspend|disabled|blocked|quota|payment|billing|"
+    r"account|api.?key|revoked|top.?up",
+    re.IGNORECASE,
+)
 _CAPACITY_WORDS = re.compile(r"concurren|busy|active tasks|too many tasks|parallel", re.IGNORECASE)
 _RATE_LIMIT_WORDS = re.compile(r"rate.?limit|\bqps\b|too many requests|too frequent|throttl", re.IGNORECASE)
 _CONTENT_POLICY_WORDS = re.compile(
@@ -98,9 +103,10 @@ def error_report(http_status: int, code: Any, message: Any) -> ErrorReport:
     Servers that put errors in the body under HTTP 200 (dh3) get the code's class; a
     rate-limit message with an odd code still counts as 429, so it is retried.
     """
-    text = message if isinstance(message, str) else ("" if message is None else str(message))
-    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
-        status = code
+    text = message if isinstance(message, str) else ("" if message is None else str(message)[:500])
+    numeric = code_number(code)
+    if numeric is not None and 400 <= numeric <= 599:
+        status = numeric
     elif http_status >= 400:
         status = http_status
     else:
@@ -111,15 +117,26 @@ def error_report(http_status: int, code: Any, message: Any) -> ErrorReport:
     return ErrorReport(status, code, text)
 
 
+_CODE_DIGITS = re.compile(r"-?[0-9]{1,9}")
+
+
+def code_number(code: Any) -> int | None:
+    """A JSON ``code`` as a whole number: an int, or its ASCII digits (``"500"``); else None."""
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and _CODE_DIGITS.fullmatch(code.strip()):
+        return int(code.strip())
+    return None
+
+
 def success_code(code: Any) -> bool | None:
     """Whether a JSON ``code`` says success: 0 or any 2xx, as a number or its digits; None if absent."""
     if code is None:
         return None
-    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
-        code = int(code)
-    if isinstance(code, bool) or not isinstance(code, int):
-        return False
-    return code == 0 or 200 <= code < 300
+    numeric = code_number(code)
+    return numeric is not None and (numeric == 0 or 200 <= numeric < 300)
 
 
 def number(value: Any) -> float | None:
@@ -130,15 +147,16 @@ def number(value: Any) -> float | None:
     """
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            parsed = float(value)  # an int of 400 digits overflows a float
+        elif isinstance(value, str) and len(value) <= 64:
             parsed = float(value)
-        except ValueError:
+        else:
             return None
-        return parsed if math.isfinite(parsed) else None
-    return None
+    except (ValueError, OverflowError):
+        return None
+    return parsed if math.isfinite(parsed) else None
 
 
 def whole_number(value: Any) -> int | None:
@@ -198,9 +216,25 @@ class Codec(abc.ABC):
         """The error an answer carries, or None; JSON-level failures count under HTTP 200."""
 
     def refusal_of(self, report: ErrorReport, body: Any) -> Refusal:
-        """What a 429/503 naming no task refuses: a 503, or words about tasks at once, mean capacity."""
-        capacity = report.status == 503 or bool(_CAPACITY_WORDS.search(report.message))
-        return Refusal(capacity)
+        """What a 429/503 naming no task refuses: capacity when its words say tasks at once.
+
+        A bare 503 (a proxy's page, a passing outage) is waited out like a rate: it says
+        nothing about the account's cap, so it must not shrink the window.
+        """
+        return Refusal(bool(_CAPACITY_WORDS.search(report.message)))
+
+    def stops_account(self, report: ErrorReport) -> bool:
+        """Whether an error says the account cannot work now (every job would get it).
+
+        401 (the key) and 402 (credits) always; a 403 when its words are about the account
+        (balance, credits, access, activation), or say nothing: a 403 about one model or
+        plan ("requires a Pro plan") is that job's.
+        """
+        if report.status in (401, 402):
+            return True
+        if report.status != 403:
+            return False
+        return not report.message.strip() or bool(_ACCOUNT_WORDS.search(report.message))
 
     def task_id_of(self, body: Any, depth: int = 3) -> str | None:
         """Best-effort task id in an answer or callback: top level, ``data`` or a ``*_output``.
