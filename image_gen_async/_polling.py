@@ -58,7 +58,7 @@ RATIO_SPAN = 8.0
 # The first poll comes no later than this many max_intervals (or first_poll, or the longest seen).
 FIRST_POLL_CAP_INTERVALS = 10.0
 # Cold: this many jobs look for all the others of their kind at each growth step.
-COHORT = 4
+COHORT = 5
 # Running jobs remembered per provider+model, as a multiple of the history size.
 RUNNING_FACTOR = 4
 # A job done at its first poll is taken to have ended somewhere in the CENSORED_REACH growth
@@ -82,7 +82,7 @@ WEBHOOK_LATE_FACTOR = 1.25
 # A timer may fire this much before its time; the follower polls then (as it does).
 SLACK = 0.001
 # A job due within this share of a growth step counts as polled now (see next_poll_age).
-IN_FLIGHT_TOLERANCE = 0.25
+IN_FLIGHT_TOLERANCE = 0.5
 
 Key = tuple[str, str]
 
