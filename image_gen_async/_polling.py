@@ -267,16 +267,22 @@ class _History:
 class PollPlanner:
     """Learns per provider+model from every job of the session and plans each job's polls.
 
-    The estimates of ``running``/``completed``/``upper_bound`` are judged against the
-    settings last given to ``next_poll_age`` (one session has one), the defaults before.
+    The estimates of ``running``/``completed``/``upper_bound`` are judged against
+    ``settings`` (the session's), or those last given to ``next_poll_age``. ``clock`` is
+    any monotonic clock: only differences of its readings are used.
     """
 
     __slots__ = ("_clock", "_history", "_settings", "_size")
 
-    def __init__(self, history: int = 128, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        history: int = 128,
+        clock: Callable[[], float] = time.monotonic,
+        settings: PollSettings | None = None,
+    ) -> None:
         self._size = history
         self._history: dict[Key, _History] = {}
-        self._settings = PollSettings()
+        self._settings = settings or PollSettings()
         self._clock = clock
 
     def _of(self, key: Key) -> _History:

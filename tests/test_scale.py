@@ -93,16 +93,14 @@ def test_poll_plan_from_nothing_estimates_and_running_jobs() -> None:
     assert planner.next_poll_age(key, None, 1000.0, settings) == pytest.approx(1030.0)
     # An estimate may be 2x too high: start just before half of it.
     assert planner.next_poll_age(key, 52.0, None, settings) == pytest.approx(52 * 0.45 * 1.08)
-    # Nothing done yet and four jobs seen running at 21 s or more: the others need not look
-    # before one step past 21 s (those four look for them).
+    # Nothing done yet and five jobs seen running at 20 s or more: the others need not look
+    # before one step past 20 s (those five look for them).
     for job, age in enumerate([20.0, 21.0, 22.0, 23.0, 24.0, 3.0]):
         planner.running(key, job, age, None)
-    assert planner.lower_bound(key, None) == pytest.approx(21 * 1.08)
-    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(21 * 1.08)  # moved on
-    planner.forget(key, 1)
-    assert planner.lower_bound(key, None) == pytest.approx(20 * 1.08)  # the 4th oldest is now 20 s
+    assert planner.lower_bound(key, None) == pytest.approx(20 * 1.08)
+    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(20 * 1.08)  # moved on
     planner.forget(key, 0)
-    assert planner.lower_bound(key, None) == pytest.approx(3 * 1.08)
+    assert planner.lower_bound(key, None) == pytest.approx(3 * 1.08)  # the 5th oldest is now 3 s
 
 
 def test_poll_plan_learns_the_low_tail_from_brackets() -> None:
