@@ -145,11 +145,12 @@ def first_poll_cap(settings: PollSettings, longest_seen: float | None) -> float:
 class _Durations:
     """Completed jobs of one provider+model in one unit (seconds, or multiples of the estimate)."""
 
-    __slots__ = ("added", "brackets", "cached")
+    __slots__ = ("added", "brackets", "cached", "stale")
 
     def __init__(self, size: int) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
-        self.cached: float | None = None  # the warm lower bound
+        self.cached: float | None = None  # the warm lower bound last worked out
+        self.stale = False
         self.added = 0  # completions since it was worked out
 
     def add(self, low: float, high: float) -> None:
@@ -157,11 +158,16 @@ class _Durations:
         self.added += 1
         # Working it out reads every bracket: with many, one more moves it little.
         if len(self.brackets) < FEW_DONE or self.added >= LOWER_REFRESH:
-            self.cached = None
+            self.stale = True
 
     def lower(self) -> float:
-        if self.cached is None:
-            self.cached, self.added = _warm_lower(self.brackets), 0
+        """The warm lower bound, worked out again (lazily: when a plan needs it) if stale."""
+        if self.cached is None or self.stale:
+            self.cached, self.added, self.stale = _warm_lower(self.brackets), 0, False
+        return self.cached
+
+    def planned_with(self) -> float | None:
+        """The bound the latest plans used (None: none yet), without working it out again."""
         return self.cached
 
     def upper(self) -> float:
@@ -323,7 +329,7 @@ class PollPlanner:
         usable, as_given = clean_estimate(estimate, self._settings)
         if last_running <= 0:
             # Done at its first poll, which the warm bound planned: see CENSORED_REACH.
-            bound = self._warm_lower(history, usable)
+            bound = _planned_lower(history, usable)
             if bound is not None:
                 last_running = min(done, bound / (1 + self._settings.growth) ** CENSORED_REACH)
         if usable is not None and as_given and 1 / RATIO_SPAN <= done / usable <= RATIO_SPAN:
@@ -425,6 +431,14 @@ class PollPlanner:
             if floor is not None:
                 bounds.append(floor * (usable or 1.0) * (1 + settings.growth))
         return max(bounds) if bounds else None
+
+
+def _planned_lower(history: _History, usable: float | None) -> float | None:
+    """The warm lower bound (seconds) the job's own first poll was most likely planned with."""
+    ratio = history.ratios.planned_with() if usable is not None else None
+    if ratio is not None and usable is not None:
+        return ratio * usable
+    return history.seconds.planned_with()
 
 
 def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
