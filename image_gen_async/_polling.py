@@ -59,6 +59,9 @@ RATIO_SPAN = 8.0
 FIRST_POLL_CAP_INTERVALS = 10.0
 # Cold: this many jobs look for all the others of their kind at each growth step.
 COHORT = 5
+# The others wake this many growth steps past the lookers' evidence: a little after the
+# lookers are due, so that the lookers have polled (and moved the floor on) by then.
+COHORT_WAKE = 1.25
 # Running jobs remembered per provider+model, as a multiple of the history size.
 RUNNING_FACTOR = 4
 # A job done at its first poll is taken to have ended somewhere in the CENSORED_REACH growth
@@ -181,7 +184,7 @@ class _Running:
     seen: float  # seconds; raised while a poll is on the wire
     poll: float  # the age its last answered poll was sent at, as the follower reports it
     estimate: float | None
-    accepted: float  # on the planner's clock (late by the poll's round trip)
+    accepted: float  # on the planner's clock (see _age_now)
     planned: float = 0.0  # the age last planned for its next poll: asked again, it is that old
 
 
@@ -303,7 +306,7 @@ class PollPlanner:
         entry = history.running.pop(job, None)
         if entry is None:
             usable, _ = clean_estimate(estimate, self._settings)
-            entry = _Running(age, age, usable, self._clock() - age)
+            entry = _Running(age, age, usable, self._clock() - _age_now(job, age))
         else:
             # Each answer bounds the accepted time from above (the poll was sent at ``age``):
             # the earliest is the closest.
@@ -400,7 +403,11 @@ class PollPlanner:
         age = min(last_poll + settings.max_interval, max(last_poll + settings.min_interval, target))
         if warm is None and found is not None and history is not None:
             entry = history.running[found]
-            # Asked again with the same last poll, the job's timer has fired at the age planned.
+            # Asked again with the same last poll, the job's timer has fired at the age planned
+            # (or later: a busy loop runs timers late). Moved on by less than a fraction of a
+            # step, it polls now rather than sleep so briefly that it may be past it already.
+            if entry.planned < age < entry.planned * (1 + settings.growth * IN_FLIGHT_TOLERANCE):
+                age = entry.planned
             now = max(self._clock() - entry.accepted, entry.planned)
             entry.planned = age
             # The planner's clock may run a round trip behind the follower's: a job due within
@@ -429,8 +436,17 @@ class PollPlanner:
         if history is not None:
             floor = history.cold_floor(usable is not None, job)
             if floor is not None:
-                bounds.append(floor * (usable or 1.0) * (1 + settings.growth))
+                bounds.append(floor * (usable or 1.0) * (1 + settings.growth * COHORT_WAKE))
         return max(bounds) if bounds else None
+
+
+def _age_now(job: Hashable, sent: float) -> float:
+    """A running job's age now: from its wall-clock ``submitted_at`` if it has one (a TaskHandle
+    does; the poll's answer may have taken a while in a burst), else the age its poll was sent at."""
+    submitted = getattr(job, "submitted_at", None)
+    if isinstance(submitted, float):
+        return max(sent, time.time() - submitted)
+    return sent
 
 
 def _planned_lower(history: _History, usable: float | None) -> float | None:
