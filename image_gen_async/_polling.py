@@ -59,9 +59,6 @@ RATIO_SPAN = 8.0
 FIRST_POLL_CAP_INTERVALS = 10.0
 # Cold: this many jobs look for all the others of their kind at each growth step.
 COHORT = 5
-# The others wake this many growth steps past the lookers' evidence: a little after the
-# lookers are due, so that the lookers have polled (and moved the floor on) by then.
-COHORT_WAKE = 1.25
 # Running jobs remembered per provider+model, as a multiple of the history size.
 RUNNING_FACTOR = 4
 # A job done at its first poll is taken to have ended somewhere in the CENSORED_REACH growth
@@ -436,7 +433,7 @@ class PollPlanner:
         if history is not None:
             floor = history.cold_floor(usable is not None, job)
             if floor is not None:
-                bounds.append(floor * (usable or 1.0) * (1 + settings.growth * COHORT_WAKE))
+                bounds.append(floor * (usable or 1.0) * (1 + settings.growth))
         return max(bounds) if bounds else None
 
 
