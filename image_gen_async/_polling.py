@@ -2,46 +2,69 @@
 
 The aim: see each job done soon after it finishes (within ``growth`` of its duration)
 with as few polls as possible. Each poll comes ``growth`` later than the one before,
-relative to the job's age; the question is when to start.
+relative to the job's age; the question is when to start, and which jobs need to look.
+
+Units. Every completed job teaches its duration in seconds; a job whose estimate was
+usable also teaches the ratio duration/estimate (an estimate that is 2x off is 2x off for
+every job of that model). A job with an estimate plans from the ratios once any are known,
+else from the seconds (``generate()`` answers carry no estimate, and the seconds they teach
+are the model's true durations, whatever a later estimate says); a job without one plans
+from the seconds only. The two are never mixed.
+
+Bad estimates. An estimate that is not a finite positive number is no estimate. One outside
+``[2 x min_interval, 720 x max_interval]`` (0.5 s to 6 h at the defaults) is clamped into
+it for that job's plan and teaches no ratio; nor does one whose job took more than
+``RATIO_SPAN`` times more or less than it said. The first poll never comes later than
+``max(first_poll, 10 x max_interval)`` (5 min at the defaults) unless jobs of the model have
+been seen taking longer. One job's estimate is that job's: it cannot move the others' plans.
 
 - Warm (jobs of this provider+model have completed): start at a low quantile of their
   durations. Each completed job tells us its duration lies between its last poll that
-  saw it running and the one that saw it done; jobs done at their first poll tell only
-  an upper bound. From these brackets the median and the 97th percentile are read off
-  an interpolated distribution, and the 3rd percentile is taken as their mirror image in
-  log space (``median**2 / q97``): the lower tail is the part a good schedule never
-  observes, because it only polls there when it must. While few jobs are done the
-  mirror can land high, so it stays a little under the quickest job seen done; when
-  half the jobs are done at their first poll the median is hidden, and the bound backs
-  off below the age most were seen done by.
-  The first poll comes a little more than one growth step after it (``FIRST_STEP_STRETCH``).
+  saw it running and the one that saw it done; a job done at its first poll was not
+  polled earlier because the bound said it would not be done, so it is placed a little
+  below that bound (``CENSORED_REACH``). From these brackets the median and the 97th
+  percentile are read off an interpolated distribution, and the 3rd percentile is taken
+  as their mirror image in log space (``median**2 / q97``): the lower tail is the part a
+  good schedule never observes. While few jobs are done the mirror can land high, so it
+  stays a little under the quickest job seen done. The first poll comes a little more
+  than one growth step after it (``FIRST_STEP_STRETCH``).
+- Cold, with jobs in flight: the jobs of a model share their polls. No job is expected to
+  end before one growth step past the ``COHORT``-th oldest age another job of its kind was
+  seen running at (or is being polled at right now): until something completes, a few
+  jobs look for all of them, and the others sleep on. A burst of 50 jobs gathered at once
+  then costs ``COHORT`` polls a step, not 50. (Not once warm: then the oldest jobs still
+  running are the slow ones, and they would hold every new job back.)
 - Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
-- Cold, with jobs still running: no job is expected to end before ``SHRINK`` times the
-  age of the ``K``-th oldest job still running, so younger jobs wait rather than poll.
-  A job re-reads this when it wakes and sleeps on if the bar has moved past its age.
-  (Not once warm: with many jobs in flight and a long tail, the oldest running jobs
-  are the slow ones, and they would hold every new job back.)
 - Nothing known at all: ``first_poll``, then the usual growth.
-
-Durations are learned relative to the estimate when there is one (an estimate that is
-2x off is 2x off for every job of that model), in seconds otherwise.
 """
 
 from __future__ import annotations
 
-import heapq
+import math
+import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import attrs
 
 # Estimates can be this far off either way before anything is learned.
 ESTIMATE_LOW_FACTOR = 0.45
 ESTIMATE_HIGH_FACTOR = 2.0
-# Cold: no job is expected to finish before SHRINK x the age of the K-th oldest still running.
-PENDING_RANK = 5
-SHRINK = 0.8
-FLOOR_REFRESH = 16
+# A usable estimate lies in [ESTIMATE_MIN_INTERVALS x min_interval, ESTIMATE_MAX_INTERVALS x max_interval].
+ESTIMATE_MIN_INTERVALS = 2.0
+ESTIMATE_MAX_INTERVALS = 720.0
+# A job that took more than this many times more (or less) than its estimate teaches no ratio.
+RATIO_SPAN = 8.0
+# The first poll comes no later than this many max_intervals (or first_poll, or the longest seen).
+FIRST_POLL_CAP_INTERVALS = 10.0
+# Cold: this many jobs look for all the others of their kind at each growth step.
+COHORT = 5
+# Running jobs remembered per provider+model, as a multiple of the history size.
+RUNNING_FACTOR = 4
+# A job done at its first poll is taken to have ended somewhere in the CENSORED_REACH growth
+# steps below the bound that planned that poll, up to the poll: the low tail stays in view
+# (placed at 0 it would drag the median down; at the bound, it could never move below it).
+CENSORED_REACH = 2
 # With half the jobs done at their first poll, the median is not seen: start this much earlier.
 CENSORED_BACKOFF = 0.85
 # Warm, the first poll comes this much more than one growth step after the lower bound: only
@@ -52,8 +75,14 @@ FIRST_STEP_STRETCH = 1.125
 # quickest seen done (about half a step).
 FEW_DONE = 32
 QUICKEST_MARGIN = 1.04
+# Past FEW_DONE, the warm bound is worked out again every LOWER_REFRESH completions.
+LOWER_REFRESH = 8
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
 WEBHOOK_LATE_FACTOR = 1.25
+# A timer may fire this much before its time; the follower polls then (as it does).
+SLACK = 0.001
+# A job due within this share of a growth step counts as polled now (see next_poll_age).
+IN_FLIGHT_TOLERANCE = 0.5
 
 Key = tuple[str, str]
 
@@ -91,38 +120,176 @@ class PollSettings:
         )
 
 
-class _History:
-    """One provider+model: brackets of completed jobs and ages of jobs still running."""
+def estimate_range(settings: PollSettings) -> tuple[float, float]:
+    """The estimates taken at their word: from two shortest intervals to 720 longest ones."""
+    return ESTIMATE_MIN_INTERVALS * settings.min_interval, ESTIMATE_MAX_INTERVALS * settings.max_interval
 
-    __slots__ = ("brackets", "floor", "lower", "running", "updates")
+
+def clean_estimate(estimate: object, settings: PollSettings) -> tuple[float | None, bool]:
+    """The estimate a plan may use (None: none), and whether it was usable as given."""
+    if isinstance(estimate, bool) or not isinstance(estimate, int | float):
+        return None, False
+    value = float(estimate)
+    if not (math.isfinite(value) and value > 0):
+        return None, False
+    low, high = estimate_range(settings)
+    clamped = min(high, max(low, value))
+    return clamped, clamped == value
+
+
+def first_poll_cap(settings: PollSettings, longest_seen: float | None) -> float:
+    """The latest a job's first poll may come: bad estimates must not leave a job unpolled."""
+    return max(settings.first_poll, FIRST_POLL_CAP_INTERVALS * settings.max_interval, longest_seen or 0.0)
+
+
+class _Durations:
+    """Completed jobs of one provider+model in one unit (seconds, or multiples of the estimate)."""
+
+    __slots__ = ("added", "brackets", "cached", "stale")
 
     def __init__(self, size: int) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
-        self.running: dict[Hashable, float] = {}
-        self.lower: float | None = None  # cached warm lower bound, reset on each completion
-        # The cold floor from running jobs, refreshed every FLOOR_REFRESH updates (ages only
-        # grow, so a slightly stale floor is a slightly low one) and whenever a job leaves.
-        self.floor: float | None = None
-        self.updates = 0
+        self.cached: float | None = None  # the warm lower bound last worked out
+        self.stale = False
+        self.added = 0  # completions since it was worked out
 
-    def cold_floor(self) -> float | None:
-        if self.floor is None or self.updates >= FLOOR_REFRESH:
-            self.updates = 0
-            if len(self.running) < PENDING_RANK:
-                self.floor = None
-            else:
-                self.floor = heapq.nlargest(PENDING_RANK, self.running.values())[-1] * SHRINK
-        return self.floor
+    def add(self, low: float, high: float) -> None:
+        self.brackets.append((low, high))
+        self.added += 1
+        # Working it out reads every bracket: with many, one more moves it little.
+        if len(self.brackets) < FEW_DONE or self.added >= LOWER_REFRESH:
+            self.stale = True
+
+    def lower(self) -> float:
+        """The warm lower bound, worked out again (lazily: when a plan needs it) if stale."""
+        if self.cached is None or self.stale:
+            self.cached, self.added, self.stale = _warm_lower(self.brackets), 0, False
+        return self.cached
+
+    def planned_with(self) -> float | None:
+        """The bound the latest plans used (None: none yet), without working it out again."""
+        return self.cached
+
+    def upper(self) -> float:
+        return max(done for _, done in self.brackets)
+
+
+@attrs.define(slots=True)
+class _Running:
+    """A job of the model still running: the latest age it was seen (or is being polled) at."""
+
+    seen: float  # seconds; raised while a poll is on the wire
+    poll: float  # the age its last answered poll was sent at, as the follower reports it
+    estimate: float | None
+    accepted: float  # on the planner's clock (see _age_now)
+    planned: float = 0.0  # the age last planned for its next poll: asked again, it is that old
+
+
+class _Top:
+    """The few highest evidence values among running jobs, kept as they change (cold plans read it)."""
+
+    __slots__ = ("dirty", "entries")
+
+    def __init__(self) -> None:
+        self.entries: dict[Hashable, float] = {}
+        self.dirty = False
+
+    def offer(self, job: Hashable, value: float) -> None:
+        entries = self.entries
+        old = entries.get(job)
+        if old is not None:
+            entries[job] = value
+            self.dirty = self.dirty or value < old  # a lower value may no longer be among the top
+        elif len(entries) <= COHORT:
+            entries[job] = value
+        else:
+            lowest = min(entries, key=entries.__getitem__)
+            if value > entries[lowest]:
+                del entries[lowest]
+                entries[job] = value
+
+    def drop(self, job: Hashable) -> None:
+        if self.entries.pop(job, None) is not None:
+            self.dirty = True
+
+    def floor(self, exclude: Hashable | None) -> float | None:
+        """The COHORT-th highest value among jobs other than ``exclude``."""
+        values = sorted((v for job, v in self.entries.items() if job != exclude), reverse=True)
+        return values[COHORT - 1] if len(values) >= COHORT else None
+
+
+class _History:
+    """One provider+model: completed jobs in both units, and the jobs still running."""
+
+    __slots__ = ("by_poll", "ratios", "running", "seconds", "tops")
+
+    def __init__(self, size: int) -> None:
+        self.seconds = _Durations(size)
+        self.ratios = _Durations(size)
+        self.running: dict[Hashable, _Running] = {}
+        # The follower reports a job's last poll age to running() and then plans with it:
+        # that age finds the job again (a plan carries no job otherwise).
+        self.by_poll: dict[float, Hashable] = {}
+        self.tops = [_Top(), _Top()]  # evidence in seconds, and in multiples of the estimate
+
+    def find(self, job: Hashable | None, last_poll: float) -> Hashable | None:
+        if job is not None:
+            return job if job in self.running else None
+        return self.by_poll.get(last_poll)
+
+    def see(self, job: Hashable, entry: _Running, age: float) -> None:
+        """``job`` is running at ``age`` (seen, or polled now): evidence for the cold plans."""
+        entry.seen = age
+        seconds, ratios = self.tops
+        seconds.offer(job, age)
+        if entry.estimate is not None:
+            ratios.offer(job, age / entry.estimate)
+
+    def drop(self, job: Hashable) -> _Running | None:
+        entry = self.running.pop(job, None)
+        if entry is not None:
+            if self.by_poll.get(entry.poll) == job:
+                del self.by_poll[entry.poll]
+            for top in self.tops:
+                top.drop(job)
+        return entry
+
+    def cold_floor(self, ratio: bool, exclude: Hashable | None) -> float | None:
+        """One growth step is added by the caller; this is the COHORT-th oldest evidence."""
+        top = self.tops[ratio]
+        if top.dirty:
+            self._rebuild(ratio)
+        return top.floor(exclude)
+
+    def _rebuild(self, ratio: bool) -> None:
+        top = self.tops[ratio] = _Top()
+        for job, entry in self.running.items():
+            if not ratio:
+                top.offer(job, entry.seen)
+            elif entry.estimate is not None:
+                top.offer(job, entry.seen / entry.estimate)
 
 
 class PollPlanner:
-    """Learns per provider+model from every job of the session and plans each job's polls."""
+    """Learns per provider+model from every job of the session and plans each job's polls.
 
-    __slots__ = ("_history", "_size")
+    The estimates of ``running``/``completed``/``upper_bound`` are judged against
+    ``settings`` (the session's), or those last given to ``next_poll_age``. ``clock`` is
+    any monotonic clock: only differences of its readings are used.
+    """
 
-    def __init__(self, history: int = 128) -> None:
+    __slots__ = ("_clock", "_history", "_settings", "_size")
+
+    def __init__(
+        self,
+        history: int = 128,
+        clock: Callable[[], float] = time.monotonic,
+        settings: PollSettings | None = None,
+    ) -> None:
         self._size = history
         self._history: dict[Key, _History] = {}
+        self._settings = settings or PollSettings()
+        self._clock = clock
 
     def _of(self, key: Key) -> _History:
         history = self._history.get(key)
@@ -131,13 +298,24 @@ class PollPlanner:
         return history
 
     def running(self, key: Key, job: Hashable, age: float, estimate: float | None) -> None:
-        """A poll saw ``job`` still running at ``age`` seconds."""
+        """A poll sent at ``age`` seconds saw ``job`` still running."""
         history = self._of(key)
-        history.running[job] = _relative(age, estimate)
-        history.updates += 1
-        if len(history.running) > 4 * self._size:
-            del history.running[next(iter(history.running))]
-            history.floor = None
+        entry = history.running.pop(job, None)
+        if entry is None:
+            usable, _ = clean_estimate(estimate, self._settings)
+            entry = _Running(age, age, usable, self._clock() - _age_now(job, age))
+        else:
+            # Each answer bounds the accepted time from above (the poll was sent at ``age``):
+            # the earliest is the closest.
+            entry.accepted = min(entry.accepted, self._clock() - age)
+            if history.by_poll.get(entry.poll) == job:
+                del history.by_poll[entry.poll]
+        entry.poll, entry.planned = age, 0.0
+        history.running[job] = entry  # (re)inserted last: the least recently seen leave first
+        history.by_poll[age] = job
+        history.see(job, entry, age)
+        if len(history.running) > RUNNING_FACTOR * self._size:
+            history.drop(next(iter(history.running)))
 
     def completed(
         self, key: Key, job: Hashable, last_running: float, done: float, estimate: float | None
@@ -147,43 +325,45 @@ class PollPlanner:
         done = max(0.0, done)
         last_running = min(max(0.0, last_running), done)
         history = self._of(key)
-        if history.running.pop(job, None) is not None:
-            history.floor = None
-        history.brackets.append((_relative(last_running, estimate), _relative(done, estimate)))
-        history.lower = None
+        history.drop(job)
+        usable, as_given = clean_estimate(estimate, self._settings)
+        if last_running <= 0:
+            # Done at its first poll, which the warm bound planned: see CENSORED_REACH.
+            bound = _planned_lower(history, usable)
+            if bound is not None:
+                last_running = min(done, bound / (1 + self._settings.growth) ** CENSORED_REACH)
+        if usable is not None and as_given and 1 / RATIO_SPAN <= done / usable <= RATIO_SPAN:
+            history.ratios.add(last_running / usable, done / usable)
+        history.seconds.add(last_running, done)
 
     def forget(self, key: Key, job: Hashable) -> None:
         """``job`` ended some other way (failed, cancelled): it no longer says anything."""
         history = self._history.get(key)
-        if history is not None and history.running.pop(job, None) is not None:
-            history.floor = None
-
-    def lower_bound(self, key: Key, estimate: float | None) -> float | None:
-        """The earliest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
-        history = self._history.get(key)
-        if history is not None and history.brackets:
-            if history.lower is None:
-                history.lower = _warm_lower(history.brackets)
-            return history.lower * (estimate or 1.0)
-        bounds = []
-        floor = history.cold_floor() if history is not None else None
-        if floor is not None:
-            bounds.append(floor)
-        if estimate:
-            bounds.append(ESTIMATE_LOW_FACTOR)
-        return max(bounds) * (estimate or 1.0) if bounds else None
+        if history is not None:
+            history.drop(job)
 
     def warm(self, key: Key) -> bool:
         """True once jobs of this kind have completed, so the bounds are learned."""
         history = self._history.get(key)
-        return history is not None and bool(history.brackets)
+        return history is not None and bool(history.seconds.brackets)
+
+    def lower_bound(self, key: Key, estimate: float | None) -> float | None:
+        """The earliest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
+        history = self._history.get(key)
+        usable, _ = clean_estimate(estimate, self._settings)
+        warm = self._warm_lower(history, usable) if history is not None else None
+        return warm if warm is not None else self._cold_lower(history, usable, None, self._settings)
 
     def upper_bound(self, key: Key, estimate: float | None) -> float | None:
         """The latest a job of this kind plausibly finishes, in seconds; None if nothing is known."""
         history = self._history.get(key)
-        if history is not None and history.brackets:
-            return max(done for _, done in history.brackets) * (estimate or 1.0)
-        return estimate * ESTIMATE_HIGH_FACTOR if estimate else None
+        usable, _ = clean_estimate(estimate, self._settings)
+        if history is not None:
+            if usable is not None and history.ratios.brackets:
+                return history.ratios.upper() * usable
+            if history.seconds.brackets:
+                return history.seconds.upper()
+        return usable * ESTIMATE_HIGH_FACTOR if usable is not None else None
 
     def next_poll_age(
         self,
@@ -191,25 +371,87 @@ class PollPlanner:
         estimate: float | None,
         last_poll: float | None,
         settings: PollSettings,
+        job: Hashable | None = None,
     ) -> float:
-        """The age at which a job should next be polled (``last_poll``: its last poll's age, if any)."""
+        """The age at which a job should next be polled (``last_poll``: its last poll's age, if any).
+
+        ``job`` (optional) names the job; without it, a job that was polled is found by its
+        ``last_poll`` as reported to ``running()``.
+        """
+        self._settings = settings
+        usable, _ = clean_estimate(estimate, settings)
+        history = self._history.get(key)
         growth = 1 + settings.growth
-        lower = self.lower_bound(key, estimate)
+        warm = self._warm_lower(history, usable) if history is not None else None
         if last_poll is None:
-            if lower is None:
-                return settings.first_poll
-            if self.warm(key):
-                return lower * (1 + settings.growth * FIRST_STEP_STRETCH)
-            return lower * growth
+            if warm is not None:
+                age = warm * (1 + settings.growth * FIRST_STEP_STRETCH)
+            else:
+                cold = self._cold_lower(history, usable, None, settings)
+                age = settings.first_poll if cold is None else cold
+            longest = history.seconds.upper() if history is not None and history.seconds.brackets else None
+            return min(age, first_poll_cap(settings, longest))
+        found = history.find(job, last_poll) if history is not None else None
+        lower = warm if warm is not None else self._cold_lower(history, usable, found, settings)
         target = last_poll * growth
         if lower is not None:
             # New knowledge may move a running job on, never closer than one growth step below it.
             target = max(target, lower)
-        return min(last_poll + settings.max_interval, max(last_poll + settings.min_interval, target))
+        age = min(last_poll + settings.max_interval, max(last_poll + settings.min_interval, target))
+        if warm is None and found is not None and history is not None:
+            entry = history.running[found]
+            # Asked again with the same last poll, the job's timer has fired at the age planned
+            # (or later: a busy loop runs timers late). Moved on by less than a fraction of a
+            # step, it polls now rather than sleep so briefly that it may be past it already.
+            if entry.planned < age < entry.planned * (1 + settings.growth * IN_FLIGHT_TOLERANCE):
+                age = entry.planned
+            now = max(self._clock() - entry.accepted, entry.planned)
+            entry.planned = age
+            # The planner's clock may run a round trip behind the follower's: a job due within
+            # a fraction of a step is taken as polled now (at worst it is, that much later).
+            if age <= now + max(SLACK, age * settings.growth * IN_FLIGHT_TOLERANCE):
+                history.see(found, entry, age)  # polled now: the others need not look this step
+        return age
+
+    def _warm_lower(self, history: _History | None, usable: float | None) -> float | None:
+        """The learned lower bound in seconds, in the unit this job's estimate allows; None: cold."""
+        if history is None:
+            return None
+        if usable is not None and history.ratios.brackets:
+            return history.ratios.lower() * usable
+        if history.seconds.brackets:
+            return history.seconds.lower()
+        return None
+
+    def _cold_lower(
+        self, history: _History | None, usable: float | None, job: Hashable | None, settings: PollSettings
+    ) -> float | None:
+        """Before anything completed: after the cohort's evidence, and from an estimate."""
+        bounds = []
+        if usable is not None:
+            bounds.append(ESTIMATE_LOW_FACTOR * usable * (1 + settings.growth))
+        if history is not None:
+            floor = history.cold_floor(usable is not None, job)
+            if floor is not None:
+                bounds.append(floor * (usable or 1.0) * (1 + settings.growth))
+        return max(bounds) if bounds else None
 
 
-def _relative(age: float, estimate: float | None) -> float:
-    return age / estimate if estimate else age
+def _age_now(job: Hashable, sent: float) -> float:
+    """A running job's age now: from its wall-clock ``submitted_at`` if it has one (a TaskHandle
+    does; the poll's answer may have taken a while in a burst), else the age its poll was sent at."""
+    submitted = getattr(job, "submitted_at", None)
+    if isinstance(submitted, float):
+        return max(sent, time.time() - submitted)
+    return sent
+
+
+def _planned_lower(history: _History, usable: float | None) -> float | None:
+    """The warm lower bound (seconds) the job's own first poll was most likely planned with."""
+    ratio = history.ratios.planned_with() if usable is not None else None
+    if ratio is not None and usable is not None:
+        return ratio * usable
+    return history.seconds.planned_with()
 
 
 def _warm_lower(brackets: deque[tuple[float, float]]) -> float:

@@ -93,13 +93,14 @@ def test_poll_plan_from_nothing_estimates_and_running_jobs() -> None:
     assert planner.next_poll_age(key, None, 1000.0, settings) == pytest.approx(1030.0)
     # An estimate may be 2x too high: start just before half of it.
     assert planner.next_poll_age(key, 52.0, None, settings) == pytest.approx(52 * 0.45 * 1.08)
-    # Five jobs still running at 20 s or more: a new job need not look before 16 s.
+    # Nothing done yet and five jobs seen running at 20 s or more: the others need not look
+    # before one step past 20 s (those five look for them).
     for job, age in enumerate([20.0, 21.0, 22.0, 23.0, 24.0, 3.0]):
         planner.running(key, job, age, None)
-    assert planner.lower_bound(key, None) == pytest.approx(16.0)
-    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(16.0)  # moved on
+    assert planner.lower_bound(key, None) == pytest.approx(20 * 1.08)
+    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(20 * 1.08)  # moved on
     planner.forget(key, 0)
-    assert planner.lower_bound(key, None) == pytest.approx(2.4)  # the 5th oldest is now 3 s
+    assert planner.lower_bound(key, None) == pytest.approx(3 * 1.08)  # the 5th oldest is now 3 s
 
 
 def test_poll_plan_learns_the_low_tail_from_brackets() -> None:
@@ -120,9 +121,22 @@ def test_poll_plan_learns_the_low_tail_from_brackets() -> None:
 def test_poll_plan_backs_off_when_most_jobs_are_done_at_the_first_poll() -> None:
     planner = PollPlanner()
     key = ("dh3", "m")
-    for i in range(10):
-        planner.completed(key, i, 0.0, 30.0, None)  # done at the first poll, 30 s
+    planner.completed(key, 0, 0.0, 30.0, None)  # done at the first poll, 30 s
     assert planner.lower_bound(key, None) == pytest.approx(30 * 0.85)
+    # Jobs of 10 s each, from nothing known: once one is done the first poll settles
+    # within a step of 10 s, and stays there.
+    planner = PollPlanner()
+    settings = PollSettings()
+    first = []
+    for job in range(40):
+        age = first_age = planner.next_poll_age(key, None, None, settings)
+        last_running = 0.0
+        while age < 10.0:
+            planner.running(key, job, age, None)
+            last_running, age = age, planner.next_poll_age(key, None, age, settings)
+        planner.completed(key, job, last_running, age, None)
+        first.append(first_age)
+    assert all(10.0 / 1.08 < age < 10.0 * 1.08 for age in first[5:])
 
 
 def test_poll_plan_warm_stretches_only_the_first_step() -> None:
