@@ -90,6 +90,13 @@ class CapacityGate(Protocol):
         ...
 
 
+def is_passing_fault(ours: int, accepted_at: int, in_a_row: int) -> bool:
+    """Whether a capacity refusal contradicts what was just accepted: one refusal with ``ours``
+    in flight, when a create went through with more in flight since the window last shrank, is
+    a passing fault, not a cap (a cap refuses whenever it is reached, so it refuses again)."""
+    return ours > 0 and in_a_row < 2 and accepted_at > ours
+
+
 class LocalGate:
     """The capacity gate of one provider key in this process."""
 
@@ -104,6 +111,10 @@ class LocalGate:
         self.refusals = 0
         self._learning = limit is None  # doubling until the first refusal
         self._grown = 0  # accepted creates since the window last changed
+        # The most in flight at an accepted create since the window last shrank, and refusals
+        # in a row: a lone refusal below what was just accepted is no cap (a passing fault).
+        self._accepted_at = 0
+        self._refused_in_a_row = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._paused_until = 0.0
         self._pause = pause
@@ -155,6 +166,8 @@ class LocalGate:
 
     def accepted(self) -> None:
         self._pause = self._pause_base
+        self._refused_in_a_row = 0
+        self._accepted_at = max(self._accepted_at, self.in_flight)
         if self.limit is not None and self.window >= self.limit:
             return
         self._grown += 1
@@ -165,9 +178,14 @@ class LocalGate:
 
     def refused(self, slot: Slot, active: int | None, retry_after: float | None) -> None:
         self.refusals += 1
+        self._refused_in_a_row += 1
+        ours = self.in_flight - 1  # the refused create's own place goes back below
+        if is_passing_fault(ours, self._accepted_at, self._refused_in_a_row):
+            slot.release()
+            return
+        self._accepted_at = 0
         self._learning = False
         self._grown = 0
-        ours = self.in_flight - 1  # the refused create's own place goes back below
         window = ours if active is None else min(ours, active)
         if ours <= 0 or window <= 0:
             # Nothing of ours holds the key's capacity: others do. Wait, then try one again.

@@ -51,7 +51,7 @@ class Follow:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.settings = engine.settings
-        self.planner = PollPlanner(engine.settings.polling.history)
+        self.planner = PollPlanner(engine.settings.polling.history, settings=engine.settings.polling)
         polling = engine.settings.polling
         self.keen = attrs.evolve(polling, growth=polling.growth / 2, min_interval=polling.min_interval / 2)
         self.followers: set[Follower] = set()

@@ -17,7 +17,13 @@ from image_gen_async import (
     PollSettings,
     ServerError,
 )
-from image_gen_async._capacity import GROWTH_PER_WINDOW, INITIAL_WINDOW, SLOW_START, LocalGate
+from image_gen_async._capacity import (
+    GROWTH_PER_WINDOW,
+    INITIAL_WINDOW,
+    SLOW_START,
+    LocalGate,
+    is_passing_fault,
+)
 from image_gen_async.testing import Emulator, EmulatorProcess
 
 from .conftest import KEYS, MODELS, SessionFactory
@@ -102,6 +108,41 @@ async def test_a_learned_window_grows_fast_until_a_refusal_then_slowly() -> None
     assert gate.window == INITIAL_WINDOW
     gate.accepted()
     assert gate.window == INITIAL_WINDOW + 1
+
+
+@pytest.mark.parametrize(
+    ("ours", "accepted_at", "in_a_row", "passing"),
+    [
+        (5, 9, 1, True),  # 9 were running a moment ago: one refusal at 5 is a fault
+        (5, 5, 1, False),  # refused where the last creates went through: the cap
+        (5, 9, 2, False),  # refused twice in a row: the cap (others took the key's capacity)
+        (0, 9, 1, False),  # nothing of ours runs: others hold the cap
+        (5, 0, 1, False),  # nothing accepted since the window shrank
+    ],
+)
+def test_a_lone_refusal_below_what_was_just_accepted_is_a_passing_fault(
+    ours: int, accepted_at: int, in_a_row: int, passing: bool
+) -> None:
+    assert is_passing_fault(ours, accepted_at, in_a_row) is passing
+
+
+async def test_random_refusals_do_not_collapse_the_window() -> None:
+    gate = LocalGate("get3w", None)
+    slots = [await gate.admit(None) for _ in range(8)]
+    for _ in slots:
+        gate.accepted()
+    slots += [await gate.admit(None) for _ in range(8)]
+    gate.refused(slots.pop(), active=None, retry_after=None)  # the first refusal: taken as the cap
+    assert gate.window == 15
+    for turn in range(100):  # then one refusal in five creates, as a flaky server gives
+        slots.pop().release()
+        slot = await gate.admit(None)
+        if turn % 5 == 4:
+            gate.refused(slot, active=None, retry_after=None)
+            slot = await gate.admit(None)
+        gate.accepted()
+        slots.append(slot)
+    assert gate.window >= 15 and gate.refusals == 21
 
 
 async def test_active_tasks_can_shrink_the_window_below_what_is_in_flight() -> None:
