@@ -252,6 +252,8 @@ class RedisGate:
         self._fallback: LocalGate | None = None
         self._degraded = False
         self._retry_redis_at = 0.0
+        self._lost = False  # a call failed: renew every lease held with the next one that reaches Redis
+        self._listed = False  # listed among the processes waiting (until a try takes all it wants)
         self._held: set[str] = set()
         self._waiters: deque[asyncio.Future[Slot | None]] = deque()
         self._outbox = Outbox()
@@ -318,9 +320,9 @@ class RedisGate:
         return RedisSlot(self, lease)
 
     def accepted(self) -> None:
-        if self._fallback is not None:
-            self._fallback.accepted()
-        if not self._degraded:
+        if self._degraded:
+            self._local().accepted()
+        else:
             self._outbox.accepts += 1
             self._kick()
 
@@ -354,7 +356,7 @@ class RedisGate:
         if self._outbox:
             with contextlib.suppress(*REDIS_ERRORS):
                 async with self._io:
-                    await self._send_outbox([])
+                    await self._send_outbox()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(*REDIS_ERRORS):
@@ -364,7 +366,13 @@ class RedisGate:
 
     async def _pump(self) -> None:
         backoff = FIRST_BACKOFF
-        while want := min(MAX_BATCH, sum(1 for waiter in self._waiters if not waiter.done())):
+        while True:
+            want = min(MAX_BATCH, sum(1 for waiter in self._waiters if not waiter.done()))
+            if not want:
+                if not self._listed:
+                    return
+                await self._unlist()  # then look again: a waiter may have come meanwhile
+                continue
             self._wake.clear()  # a release heard during the call below wakes the wait after it
             try:
                 leases, wait = await self._take(want)
@@ -390,18 +398,30 @@ class RedisGate:
         """Ask Redis for up to ``want`` places (after telling it what this process owes)."""
         ids = [self._new_lease() for _ in range(want)]
         async with self._io:
-            if self._outbox:
-                await self._send_outbox([])
-            taken, window, count, wait_ms = await self._acquire(
-                keys=self._keys[:3], args=[*self._common(), len(self._held), *ids]
-            )
+            if self._outbox or self._lost:
+                await self._send_outbox()
+            try:
+                taken, window, count, wait_ms = await self._acquire(
+                    keys=self._keys[:3], args=[*self._common(), len(self._held), *ids]
+                )
+            except BaseException:
+                self._lost = True
+                raise
         self._window, self.shared_in_flight = int(window), int(count)
+        self._listed = int(taken) < want
         self._back_on_redis()
         leases = ids[: int(taken)]
         self._held.update(leases)
         if leases:
             self._start("renew", self._renew)
         return leases, int(wait_ms) / 1000
+
+    async def _unlist(self) -> None:
+        """No more waiters here: stop counting as a waiting process, so the others' share is whole."""
+        self._listed = False
+        with contextlib.suppress(*REDIS_ERRORS):
+            async with self._io:
+                await self._redis.zrem(self._keys[2], self._token)
 
     def _hand_out(self, leases: list[str]) -> None:
         """Places to the waiters, first come first served; one nobody waits for any more goes back."""
@@ -434,7 +454,7 @@ class RedisGate:
         while self._outbox:
             try:
                 async with self._io:
-                    await self._send_outbox([])
+                    await self._send_outbox()
             except REDIS_ERRORS as error:
                 # Kept for the next call that reaches Redis; leases expire by themselves meanwhile.
                 log.debug("%s: capacity news not sent yet: %s", self.name, error)
@@ -444,23 +464,30 @@ class RedisGate:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self._renew_every)
-            if not self._held and not self._outbox:
+            if not self._held and not self._outbox and not self._lost:
                 continue
             try:
                 async with self._io:
-                    await self._send_outbox(sorted(self._held))
+                    await self._send_outbox(renew_all=True)
             except REDIS_ERRORS as error:
                 log.debug("%s: leases not renewed: %s", self.name, error)
 
-    async def _send_outbox(self, renew: list[str]) -> None:
-        """One SETTLE call (the caller holds ``_io``); what was not sent is kept."""
+    async def _send_outbox(self, *, renew_all: bool = False) -> None:
+        """One SETTLE call (the caller holds ``_io``); what was not sent is kept.
+
+        After a failed call every lease held is renewed (re-added): Redis may have let them
+        expire, or lost them, while the tasks kept running.
+        """
         box, self._outbox = self._outbox, Outbox()
+        renew = sorted(self._held) if renew_all or self._lost else []
         try:
             window, count = await self._settle(keys=self._keys, args=[*self._common(), *box.args(renew)])
         except BaseException:
             box.merge(self._outbox)
             self._outbox = box
+            self._lost = True
             raise
+        self._lost = False
         self._window, self.shared_in_flight = int(window), int(count)
 
     # Pub/sub: a release in any process wakes this one's waiters.

@@ -159,6 +159,25 @@ async def _zcard_is(redis: Redis, key: str, count: int) -> bool:
     return bool(await redis.zcard(key) == count)
 
 
+async def test_a_process_that_keeps_retaking_its_places_leaves_a_waiting_one_its_share(
+    gates: GateFactory, redis: Redis, gate_key: str
+) -> None:
+    a, b = gates(4), gates(4)
+    held = [await a.admit(None) for _ in range(4)]
+    wanted = [asyncio.ensure_future(b.admit(None)) for _ in range(2)]
+    await until(lambda: _zcard_is(redis, f"{gate_key}:waiting", 1))  # b waits, and says so
+    retakes = []
+    for _ in range(2):  # a gives a place back and asks for one at once, in the same breath
+        held.pop().release()
+        retakes.append(asyncio.ensure_future(a.admit(None)))
+    await asyncio.wait_for(asyncio.gather(*wanted), 2)  # both freed places went to b
+    assert not any(retake.done() for retake in retakes)
+    assert (a.in_flight, b.in_flight) == (2, 2)
+    for slot in wanted:
+        slot.result().release()
+    await asyncio.wait_for(asyncio.gather(*retakes), 2)
+
+
 async def test_a_crashed_holders_places_come_back_after_its_lease(
     gates: GateFactory, redis_url: str, namespace: str, gate_key: str
 ) -> None:
