@@ -6,7 +6,9 @@ does not matter). Under ``{namespace}:capacity:{account}:{fingerprint}``:
 - the key itself, a hash: the shared window and how it is learned (the ``LocalGate``
   rules: ``INITIAL_WINDOW``, one more per accepted create until the first refusal, a
   refusal shrinks it to what is in flight in every process, or ``activeTasks``; then one
-  more per ``GROWTH_PER_WINDOW`` windows of accepted creates) and the idle pause;
+  more per ``GROWTH_PER_WINDOW`` windows of accepted creates), the idle pause (a
+  ``Retry-After`` is followed up to ``MAX_IDLE_PAUSE``: one answer must not stall every
+  process for long) and a count of refusals;
 - ``:leases``, a sorted set: one member per slot, scored by its lease's expiry. Each
   process renews the leases it holds every ``lease / 3`` in one script call; a crashed
   process's slots expire after ``lease``, so its places come back by themselves;
@@ -24,17 +26,21 @@ poll: it waits for a message on ``:released`` (sent when places are freed or the
 grows), or for a short backoff (``FIRST_BACKOFF`` doubling to ``MAX_BACKOFF``), which
 covers what sends no message: an expired lease, a message lost while reconnecting, the
 end of an idle pause. Fairness across processes, best effort: a process that waits is
-listed in ``:waiting`` (refreshed with each try, gone after ``WAITER_TTL``); while others
+listed in ``:waiting`` (refreshed with each try; taken off once it waits no more, or after
+``WAITER_TTL`` if it died); while others
 wait, a process takes no more than its share (``ceil(window / waiting processes)``),
 so a process that came late is not starved by one that holds every place and keeps
-releasing and retaking them.
+releasing and retaking them. Shares cover the window (``ceil``), so a free place is
+always someone's to take.
 
 Redis unreachable: ``BackendUnavailableError`` and nothing is sent; or, with a
 ``fallback_share``, a ``LocalGate`` of ``limit * share`` places (the last seen shared
 window when the limit is learned; at least 1) with a warning once per outage, trying
 Redis again every ``RETRY_REDIS_AFTER`` seconds. Slots taken from the local gate are
-given back to it; leases held when Redis went away are renewed (re-added) once it
-answers, so tasks that kept running are counted again.
+given back to it (they are not counted in Redis after it answers again). Leases held when
+Redis went away are renewed (re-added) once it answers, so tasks that kept running (even
+through a restart that lost the data) are counted again. ``close()`` leaves the leases a
+process still holds to expire: their tasks may still run at the provider.
 """
 
 from __future__ import annotations
@@ -261,6 +267,9 @@ class RedisGate:
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pubsub: PubSub | None = None
+        # Set by close(): the background loops end even where redis-py turned a cancellation
+        # into one of its timeouts (which they catch and carry on after).
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<RedisGate {self.name} {self.in_flight}/{self.window} shared={self.shared_in_flight}>"
@@ -348,6 +357,7 @@ class RedisGate:
 
     async def close(self) -> None:
         """Stop the background tasks and tell Redis what is left to tell (leases still held expire)."""
+        self._closed = True
         self.fail_waiters(SessionClosedError(f"{self.name}: the session was closed while this create waited"))
         tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
@@ -366,7 +376,7 @@ class RedisGate:
 
     async def _pump(self) -> None:
         backoff = FIRST_BACKOFF
-        while True:
+        while not self._closed:
             want = min(MAX_BATCH, sum(1 for waiter in self._waiters if not waiter.done()))
             if not want:
                 if not self._listed:
@@ -451,7 +461,7 @@ class RedisGate:
         self._start("flush", self._flush)
 
     async def _flush(self) -> None:
-        while self._outbox:
+        while self._outbox and not self._closed:
             try:
                 async with self._io:
                     await self._send_outbox()
@@ -462,7 +472,7 @@ class RedisGate:
             self._wake.set()  # places freed here: this process's waiters may try at once
 
     async def _renew(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self._renew_every)
             if not self._held and not self._outbox and not self._lost:
                 continue
@@ -494,13 +504,15 @@ class RedisGate:
 
     async def _listen(self) -> None:
         channel = self._keys[3]
-        while True:
+        while not self._closed:
             try:
                 if self._pubsub is None:
                     self._pubsub = self._redis.pubsub()
                     await self._pubsub.subscribe(channel)
                 message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except REDIS_ERRORS as error:
+                if self._closed:
+                    return
                 log.debug("%s: release channel lost (%s); the backoff covers it", self.name, error)
                 await asyncio.sleep(RECONNECT_PAUSE)
                 continue
@@ -560,7 +572,7 @@ class RedisGate:
     def _start(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work`` in the background unless it already runs."""
         task = self._tasks.get(name)
-        if task is None or task.done():
+        if (task is None or task.done()) and not self._closed:
             self._tasks[name] = asyncio.get_running_loop().create_task(
                 work(), name=f"image_gen_async capacity {name} {self.name}"
             )

@@ -276,6 +276,29 @@ async def test_a_resumed_task_occupies_a_place_even_over_the_window(
     await until(lambda: _zcard_is(redis, f"{gate_key}:leases", 1))
 
 
+async def test_leases_held_through_a_redis_restart_are_counted_again(gate_key: str) -> None:
+    server = RedisServer(redis_executable())
+    server.start()
+    backend = RedisBackend(server.url)  # its client: time limits on every command, retries
+    redis = backend.redis
+    a = RedisGate(redis, gate_key, "a", 1, lease=0.6)  # renewed every 0.2 s
+    b = RedisGate(redis, gate_key, "b", 1)
+    try:
+        await a.admit(None)
+        server.stop()  # no persistence: Redis comes back empty, the task still runs
+        await asyncio.sleep(0.3)  # a renewal falls in the outage
+        server.start()
+        await until(lambda: _zcard_is(redis, f"{gate_key}:leases", 1))  # the next renewal re-adds it
+        loop = asyncio.get_running_loop()
+        with pytest.raises(AdmissionTimeoutError):
+            await b.admit(loop.time() + 0.2)
+    finally:
+        await a.close()
+        await b.close()
+        await backend.close()
+        server.stop()
+
+
 async def _field_is(redis: Redis, key: str, name: str, value: int) -> bool:
     got = await redis.hget(key, name)
     return got is not None and int(got) == value
