@@ -115,10 +115,12 @@ class RedisBackend:
         self._limiters.append(limiter)
         return limiter
 
-    def gate(self, account: str, key_fingerprint: str, limit: int | None) -> CapacityGate:
+    def gate(
+        self, account: str, key_fingerprint: str, limit: int | None, *, pause: float, max_pause: float
+    ) -> CapacityGate:
         """A ``RedisGate`` shared by every process using the key; a client without a key stays local."""
         if not key_fingerprint:
-            return self._local.gate(account, key_fingerprint, limit)
+            return self._local.gate(account, key_fingerprint, limit, pause=pause, max_pause=max_pause)
         from ._redis_capacity import RedisGate
 
         gate = RedisGate(
@@ -127,6 +129,8 @@ class RedisBackend:
             account,
             limit,
             fallback_share=self.fallback_share,
+            pause=pause,
+            max_pause=max_pause,
         )
         self._gates.append(gate)
         return gate

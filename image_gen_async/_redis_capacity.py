@@ -4,11 +4,11 @@ A counted semaphore held by Lua on Redis' own clock (``TIME``, so the hosts' clo
 does not matter). Under ``{namespace}:capacity:{account}:{fingerprint}``:
 
 - the key itself, a hash: the shared window and how it is learned (the ``LocalGate``
-  rules: ``INITIAL_WINDOW``, one more per accepted create until the first refusal, a
+  rules: ``INITIAL_WINDOW``, one more per ``SLOW_START`` accepted creates until the first refusal, a
   refusal shrinks it to what is in flight in every process, or ``activeTasks``; then one
-  more per ``GROWTH_PER_WINDOW`` windows of accepted creates), the idle pause (a
-  ``Retry-After`` is followed up to ``MAX_IDLE_PAUSE``: one answer must not stall every
-  process for long) and a count of refusals;
+  more per ``GROWTH_PER_WINDOW`` windows of accepted creates), the idle pause (``pause``
+  doubling up to ``max_pause``; a ``Retry-After`` is followed up to ``max_pause``) and a
+  count of refusals;
 - ``:leases``, a sorted set: one member per slot, scored by its lease's expiry. Each
   process renews the leases it holds every ``lease / 3`` in one script call; a crashed
   process's slots expire after ``lease``, so its places come back by themselves;
@@ -60,7 +60,16 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from . import _redis_limit
-from ._capacity import GROWTH_PER_WINDOW, IDLE_PAUSE, INITIAL_WINDOW, MAX_IDLE_PAUSE, LocalGate, Slot, _copy
+from ._capacity import (
+    GROWTH_PER_WINDOW,
+    IDLE_PAUSE,
+    INITIAL_WINDOW,
+    MAX_IDLE_PAUSE,
+    SLOW_START,
+    LocalGate,
+    Slot,
+    _copy,
+)
 from ._redis_limit import REDIS_ERRORS, unavailable
 from .errors import AdmissionTimeoutError, ImageGenError, SessionClosedError
 
@@ -82,8 +91,8 @@ RECONNECT_PAUSE = 1.0
 
 # Common to both scripts. KEYS: state hash, leases, waiting, release channel.
 # ARGV[1] lease ms, [2] configured limit (0: learned), [3] INITIAL_WINDOW, [4] idle TTL ms,
-# [5] this process's token, [6] waiter TTL ms, [7] GROWTH_PER_WINDOW, [8] IDLE_PAUSE ms,
-# [9] MAX_IDLE_PAUSE ms. Times are whole milliseconds on Redis' clock.
+# [5] this process's token, [6] waiter TTL ms, [7] GROWTH_PER_WINDOW, [8] first idle pause ms,
+# [9] longest idle pause ms, [10] SLOW_START. Times are whole milliseconds on Redis' clock.
 PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -105,12 +114,12 @@ local function keep()
 end
 """
 
-# ARGV[10] places this process holds, ARGV[11..] lease ids wanted.
+# ARGV[11] places this process holds, ARGV[12..] lease ids wanted.
 # Returns {places taken, window, leases held in all, ms until an idle pause ends}.
 ACQUIRE = (
     PRELUDE
     + """
-local held, want = tonumber(ARGV[10]), #ARGV - 10
+local held, want = tonumber(ARGV[11]), #ARGV - 11
 local count = redis.call('ZCARD', KEYS[2])
 local take, wait = 0, 0
 if now < paused then
@@ -123,7 +132,7 @@ else
     take = math.max(0, math.min(take, math.ceil(window / (others + 1)) - held))
   end
 end
-for i = 1, take do redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[10 + i]) end
+for i = 1, take do redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[11 + i]) end
 if take < want then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
 else
@@ -134,21 +143,23 @@ return {take, window, count + take, wait}
 """
 )
 
-# ARGV[10] accepted creates, [11] leases to hold (renewed or occupied), [12] leases released,
-# [13] refusals, then the ids to hold, the ids released, and per refusal (id, activeTasks or
+# ARGV[11] accepted creates, [12] leases to hold (renewed or occupied), [13] leases released,
+# [14] refusals, then the ids to hold, the ids released, and per refusal (id, activeTasks or
 # -1, Retry-After ms or -1). Returns {window, leases held in all}.
 SETTLE = (
     PRELUDE
     + """
-local accepts, n_hold = tonumber(ARGV[10]), tonumber(ARGV[11])
-local n_release, n_refused = tonumber(ARGV[12]), tonumber(ARGV[13])
-local growth, max_pause = tonumber(ARGV[7]), tonumber(ARGV[9])
-local i, grew, freed = 14, false, 0
+local accepts, n_hold = tonumber(ARGV[11]), tonumber(ARGV[12])
+local n_release, n_refused = tonumber(ARGV[13]), tonumber(ARGV[14])
+local growth, max_pause, slow_start = tonumber(ARGV[7]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local i, grew, freed = 15, false, 0
 if accepts > 0 then pause = tonumber(ARGV[8]) end
 for _ = 1, accepts do
   if limit > 0 and window >= limit then break end
   grown = grown + 1
-  if learning == 1 or grown >= growth * window then grown, window, grew = 0, window + 1, true end
+  local step = growth * window
+  if learning == 1 then step = slow_start end
+  if grown >= step then grown, window, grew = 0, window + 1, true end
 end
 for _ = 1, n_hold do redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[i]); i = i + 1 end
 for _ = 1, n_release do freed = freed + redis.call('ZREM', KEYS[2], ARGV[i]); i = i + 1 end
@@ -239,6 +250,8 @@ class RedisGate:
         fallback_share: float | None = None,
         lease: float = LEASE,
         renew_every: float | None = None,
+        pause: float = IDLE_PAUSE,
+        max_pause: float = MAX_IDLE_PAUSE,
     ) -> None:
         self.name = name
         self.limit = limit
@@ -255,6 +268,7 @@ class RedisGate:
         self._lease_ms = max(1, round(lease * 1000))
         self._renew_every = renew_every if renew_every is not None else lease / 3
         self._share = fallback_share
+        self._pause, self._max_pause = pause, max_pause
         self._fallback: LocalGate | None = None
         self._degraded = False
         self._retry_redis_at = 0.0
@@ -280,6 +294,12 @@ class RedisGate:
         if self._degraded and self._fallback is not None:
             return self._fallback.window
         return self._window
+
+    @property
+    def waiting(self) -> bool:
+        """True while creates of this process wait for a place."""
+        local = self._fallback is not None and self._fallback.waiting
+        return local or any(not waiter.done() for waiter in self._waiters)
 
     @property
     def in_flight(self) -> int:
@@ -548,7 +568,8 @@ class RedisGate:
     def _local(self) -> LocalGate:
         if self._fallback is None:
             assert self._share is not None  # only a fallback share ever skips Redis
-            self._fallback = LocalGate(self.name, fallback_places(self.limit, self._window, self._share))
+            places = fallback_places(self.limit, self._window, self._share)
+            self._fallback = LocalGate(self.name, places, pause=self._pause, max_pause=self._max_pause)
         return self._fallback
 
     # Small helpers.
@@ -562,8 +583,9 @@ class RedisGate:
             self._token,
             round(WAITER_TTL * 1000),
             GROWTH_PER_WINDOW,
-            round(IDLE_PAUSE * 1000),
-            round(MAX_IDLE_PAUSE * 1000),
+            round(self._pause * 1000),
+            round(self._max_pause * 1000),
+            SLOW_START,
         ]
 
     def _new_lease(self) -> str:
