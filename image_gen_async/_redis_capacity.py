@@ -176,7 +176,7 @@ for _ = 1, n_refused do
     local p = pause
     if retry_after >= 0 then p = math.min(retry_after, max_pause) end
     pause = math.min(max_pause, pause * 2)
-    paused = now + p
+    paused = math.max(paused, now + p)
     w = 1
   end
   window = math.max(1, w)
@@ -308,12 +308,15 @@ class RedisGate:
 
     # The CapacityGate protocol.
 
-    async def admit(self, deadline: float | None) -> Slot:
+    async def admit(self, deadline: float | None, *, first: bool = False) -> Slot:
         loop = asyncio.get_running_loop()
         if self._degraded and loop.time() < self._retry_redis_at:
-            return await self._local().admit(deadline)
+            return await self._local().admit(deadline, first=first)
         waiter: asyncio.Future[Slot | None] = loop.create_future()
-        self._waiters.append(waiter)
+        if first:  # a create refused for capacity: the oldest waiter of this process
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         self._start("pump", self._pump)
         try:
             if deadline is None:
@@ -335,7 +338,7 @@ class RedisGate:
                 ) from None
             raise
         if slot is None:  # Redis went away while this waited: the local share
-            return await self._local().admit(deadline)
+            return await self._local().admit(deadline, first=first)
         return slot
 
     def occupy(self) -> Slot:

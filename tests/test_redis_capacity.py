@@ -155,6 +155,20 @@ async def test_waiters_are_served_in_order_and_cancelled_or_late_ones_take_nothi
     await until(lambda: _zcard_is(redis, f"{gate_key}:leases", 0))
 
 
+async def test_a_refused_create_asks_again_at_the_head_of_the_queue(gates: GateFactory) -> None:
+    gate = gates(1)
+    held = await gate.admit(None)
+    later = asyncio.ensure_future(gate.admit(None))
+    await asyncio.sleep(0)  # one loop step: it queues
+    again = asyncio.ensure_future(gate.admit(None, first=True))
+    await asyncio.sleep(0)
+    held.release()
+    slot = await asyncio.wait_for(again, 2)
+    assert not later.done()
+    slot.release()
+    (await asyncio.wait_for(later, 2)).release()
+
+
 async def _zcard_is(redis: Redis, key: str, count: int) -> bool:
     return bool(await redis.zcard(key) == count)
 
