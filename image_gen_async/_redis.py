@@ -5,6 +5,8 @@ Optional (``pip install "image-gen-async[redis]"``): redis-py is imported only w
 
 Keys in Redis, all under ``namespace``: ``{namespace}:limit:{client}:{sha256(key)[:16]}``
 per schedule (never the API key itself; gone a minute after its last slot),
+``{namespace}:capacity:{account}:{sha256(key)[:16]}`` (and its ``:leases``, ``:waiting``,
+``:released``) per capacity gate (see ``_redis_capacity``; gone a minute after its last lease),
 ``{namespace}:webhooks`` (the callback channel), ``{namespace}:webhook-token`` and
 ``{namespace}:settled:{client}:{task id}`` (see ``_redis_relay``).
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._backend import LocalBackend
+from ._capacity import CapacityGate
 from ._ratelimit import Limiter
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from ._redis_capacity import RedisGate
     from ._redis_limit import RedisLimiter
     from ._redis_relay import RedisRelay
 
@@ -37,7 +41,8 @@ class RedisBackend:
     """Pass as ``AsyncSession(limiter_backend=RedisBackend(url))`` in every process sharing the keys.
 
     ``fallback_share``: when Redis does not answer, pace this process at ``rate * share``
-    (e.g. ``1/N`` for N processes) instead of failing with ``BackendUnavailableError``.
+    (e.g. ``1/N`` for N processes) and let it run ``max_concurrent * share`` tasks at once
+    (at least 1) instead of failing with ``BackendUnavailableError``.
     ``webhook_token``: the callback-URL token all instances share (default: generated once
     and kept in Redis). ``redis_options`` go to ``redis.asyncio.Redis.from_url``.
     Each session needs its own backend; the session closes it.
@@ -76,6 +81,7 @@ class RedisBackend:
         self._redis: Redis = Redis.from_url(url, **options)
         self._relay: RedisRelay = RedisRelay(self._redis, namespace, webhook_token)
         self._limiters: list[RedisLimiter] = []
+        self._gates: list[RedisGate] = []
         self._local = LocalBackend()
 
     def __repr__(self) -> str:
@@ -109,13 +115,35 @@ class RedisBackend:
         self._limiters.append(limiter)
         return limiter
 
+    def gate(
+        self, account: str, key_fingerprint: str, limit: int | None, *, pause: float, max_pause: float
+    ) -> CapacityGate:
+        """A ``RedisGate`` shared by every process using the key; a client without a key stays local."""
+        if not key_fingerprint:
+            return self._local.gate(account, key_fingerprint, limit, pause=pause, max_pause=max_pause)
+        from ._redis_capacity import RedisGate
+
+        gate = RedisGate(
+            self._redis,
+            f"{self.namespace}:capacity:{account}:{key_fingerprint}",
+            account,
+            limit,
+            fallback_share=self.fallback_share,
+            pause=pause,
+            max_pause=max_pause,
+        )
+        self._gates.append(gate)
+        return gate
+
     def webhook_relay(self) -> RedisRelay:
         """The pub/sub relay that lets any instance take any callback."""
         return self._relay
 
     async def close(self) -> None:
-        """Stop the relay, flush pending penalties and markers, close the connections."""
+        """Stop the relay and the gates, flush penalties, releases and markers, close the connections."""
         await self._relay.close()
+        for gate in self._gates:
+            await gate.close()
         for limiter in self._limiters:
             await limiter.close()
         await self._redis.aclose()
