@@ -213,6 +213,7 @@ class Engine:
         before_send: Callable[[], object] | None = None,
         deadline: float | None = None,
         hold_uncertain: float | None = None,
+        exchange_limit: float | None = None,
     ) -> Created:
         """Admit, pace and send a create; retry only what cannot have made a task.
 
@@ -226,11 +227,13 @@ class Engine:
         cancelled after its request went out keeps reading the answer in the background and
         records the task it made (``session.orphans``). The accepted create's slot is the
         caller's to release when the task is done. ``deadline`` also bounds the rate-limit
-        wait, every exchange and every retry; ``hold_uncertain``: seconds an uncertain create
-        keeps its slot (its task may be running), else it is given back at once.
+        wait and every retry; an exchange once started runs to its own limit
+        (``exchange_limit``, else the session's), since cutting it short would leave it
+        uncertain. ``hold_uncertain``: seconds an uncertain create keeps its slot (its task may
+        be running), else it is given back at once.
         """
         body = encode_body(request)
-        limit = self.transport.exchange_limit(read_timeout)
+        limit = exchange_limit or self.transport.exchange_limit(read_timeout)
         account = target.account
         retries = refusals = 0
         sent_at = 0.0
@@ -255,8 +258,11 @@ class Engine:
                     pending = before_send()
                     if inspect.isawaitable(pending):
                         await pending
-                span = limit if deadline is None else max(0.0, min(limit, deadline - loop.time()))
-                answer = await self._send_create(target, model, request, body, span, read_timeout, ticket)
+                if deadline is not None and loop.time() >= deadline:
+                    # Never cut a create short at the deadline (that would make it uncertain):
+                    # past it, none is started.
+                    raise AdmissionTimeoutError(f"{target.name}: the job's deadline passed; nothing was sent")
+                answer = await self._send_create(target, model, request, body, limit, read_timeout, ticket)
             except TransportError as error:
                 verdict = classify_create(
                     sent=ticket.was_sent, http_status=None, failure=transport_failure(error)

@@ -225,6 +225,8 @@ class ProviderClient:
             read_timeout=read_timeout,
             deadline=self._deadline(timeout),
             hold_uncertain=self._hold_uncertain(model),
+            # Sync mode: the exchange is the job, so the job's timeout bounds it whole.
+            exchange_limit=None if read_timeout is None or timeout is None else timeout,
         )
         # Timed from when the request went out (pool and limiter waits are not job time):
         # exact when sync mode answered with the result.
