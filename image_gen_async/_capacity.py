@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import AdmissionTimeoutError, APIError, ImageGenError
 
@@ -201,10 +201,7 @@ class LocalGate:
         slot.release()
 
     def fail_waiters(self, error: ImageGenError) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(_copy(error))
+        fail_all(self._waiters, error)
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):
@@ -238,6 +235,14 @@ class LocalGate:
             if not waiter.done():
                 self.in_flight += 1
                 waiter.set_result(None)
+
+
+def fail_all(waiters: deque[asyncio.Future[Any]], error: ImageGenError) -> None:
+    """End every waiter with its own copy of ``error``, first come first."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_exception(_copy(error))
 
 
 def _copy(error: ImageGenError) -> ImageGenError:

@@ -68,7 +68,7 @@ from ._capacity import (
     SLOW_START,
     LocalGate,
     Slot,
-    _copy,
+    fail_all,
     is_passing_fault,
 )
 from ._redis_limit import REDIS_ERRORS, unavailable
@@ -382,10 +382,7 @@ class RedisGate:
             self._kick()
 
     def fail_waiters(self, error: ImageGenError) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(_copy(error))
+        fail_all(self._waiters, error)
         if self._fallback is not None:
             self._fallback.fail_waiters(error)
 

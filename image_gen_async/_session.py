@@ -15,7 +15,7 @@ from yarl import URL
 from . import _config
 from ._backend import LimiterBackend, LocalBackend
 from ._capacity import Account, CapacityGate, LocalGate, Slot
-from ._engine import Engine, EngineSettings, OrphanedTask, usable_task_id
+from ._engine import Created, Engine, EngineSettings, OrphanedTask, usable_task_id
 from ._follow import Follow
 from ._handle import TaskHandle
 from ._polling import PollSettings
@@ -155,17 +155,22 @@ class ProviderClient:
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
-        engine = self._session._engine
-        created = await engine.create(
+        created = await self._create(target, model, request, timeout, before_send=before_create)
+        return self._follow(
+            created.snapshot, model, created.retries, timeout, webhook=webhook, slot=created.slot
+        )
+
+    async def _create(
+        self, target: Target, model: str, request: HttpRequest, timeout: float | None, **options: Any
+    ) -> Created:
+        """The engine's create, bounded by the job's deadline; an uncertain one holds its slot a while."""
+        return await self._session._engine.create(
             target,
             model,
             request,
-            before_send=before_create,
             deadline=self._deadline(timeout),
             hold_uncertain=self._hold_uncertain(model),
-        )
-        return self._follow(
-            created.snapshot, model, created.retries, timeout, webhook=webhook, slot=created.slot
+            **options,
         )
 
     def _hold_uncertain(self, model: str) -> float | None:
@@ -218,13 +223,12 @@ class ProviderClient:
                 if timeout is None
                 else min(timeout, engine.settings.sync_timeout)
             )
-        created = await engine.create(
+        created = await self._create(
             target,
             model,
             request,
+            timeout,
             read_timeout=read_timeout,
-            deadline=self._deadline(timeout),
-            hold_uncertain=self._hold_uncertain(model),
             # Sync mode: the exchange is the job, so the job's timeout bounds it whole.
             exchange_limit=None if read_timeout is None or timeout is None else timeout,
         )

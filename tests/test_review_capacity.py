@@ -173,7 +173,8 @@ async def test_review_one_transient_503_caps_an_uncapped_provider_for_the_sessio
 
         done = await asyncio.wait_for(asyncio.gather(*(job(i) for i in range(300))), 1.5)
         assert all(done)
-        assert max(emulator.stats.peak_running["dh3"].values()) >= 100, client.capacity
+        # Not capped by the one 503: the window grew on past the 300 jobs' needs.
+        assert client.capacity.window >= 100 and client.capacity.refusals == 0, client.capacity
 
 
 async def test_review_an_uncertain_create_frees_a_place_its_task_still_holds(
