@@ -160,6 +160,11 @@ class LocalGate:
     def waiting(self) -> bool:
         return bool(self._waiters)
 
+    @property
+    def learning(self) -> bool:
+        """True while no refusal has shown a cap (and none is configured)."""
+        return self._learning
+
     def occupy(self) -> Slot:
         self.in_flight += 1
         return Slot(self)

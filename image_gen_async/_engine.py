@@ -212,8 +212,9 @@ class Engine:
         read_timeout: float | None = None,
         before_send: Callable[[], object] | None = None,
         deadline: float | None = None,
-        hold_uncertain: float | None = None,
+        hold_uncertain: Callable[[], float | None] | None = None,
         exchange_limit: float | None = None,
+        eager: bool = False,
     ) -> Created:
         """Admit, pace and send a create; retry only what cannot have made a task.
 
@@ -229,8 +230,9 @@ class Engine:
         caller's to release when the task is done. ``deadline`` also bounds the rate-limit
         wait and every retry; an exchange once started runs to its own limit
         (``exchange_limit``, else the session's), since cutting it short would leave it
-        uncertain. ``hold_uncertain``: seconds an uncertain create keeps its slot (its task may
-        be running), else it is given back at once.
+        uncertain. ``hold_uncertain()``: seconds an uncertain create keeps its slot (its task
+        may be running), or None to give it back at once. ``eager`` (sync mode): take a place
+        at once while no cap is known.
         """
         body = encode_body(request)
         limit = exchange_limit or self.transport.exchange_limit(read_timeout)
@@ -292,7 +294,13 @@ class Engine:
         again = False  # a create refused for capacity asks again at the head of the queue
         while True:
             account.check(target.name)
-            slot = await account.gate.admit(deadline, first=again)
+            gate = account.gate
+            if eager and getattr(gate, "learning", False):
+                # A sync create is the whole job: its answer (the growth signal) comes only at
+                # the job's end, so while no cap is known it does not wait for the window.
+                slot = gate.occupy()
+            else:
+                slot = await gate.admit(deadline, first=again)
             again = False
             try:
                 snapshot = await retrying(attempt, self.create_budget, deadline=deadline, on_retry=on_retry)
@@ -314,8 +322,10 @@ class Engine:
                 await asyncio.sleep(wait)
                 continue
             except BaseException as error:
-                if isinstance(error, SubmitUncertainError) and hold_uncertain:
-                    loop.call_later(hold_uncertain, slot.release)  # its task may hold the place
+                uncertain = isinstance(error, SubmitUncertainError)
+                hold = hold_uncertain() if hold_uncertain is not None and uncertain else None
+                if hold:
+                    loop.call_later(hold, slot.release)  # its task may hold the place that long
                 else:
                     slot.release()
                 if isinstance(error, APIError) and target.codec.stops_account(

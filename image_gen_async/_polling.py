@@ -40,6 +40,7 @@ been seen taking longer. One job's estimate is that job's: it cannot move the ot
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
@@ -47,6 +48,8 @@ from collections.abc import Callable, Hashable
 
 import attrs
 
+# Bisection steps for a quantile: 2**-24 of the longest duration is far below any poll step.
+QUANTILE_STEPS = 24
 # Estimates can be this far off either way before anything is learned.
 ESTIMATE_LOW_FACTOR = 0.45
 ESTIMATE_HIGH_FACTOR = 2.0
@@ -145,17 +148,19 @@ def first_poll_cap(settings: PollSettings, longest_seen: float | None) -> float:
 class _Durations:
     """Completed jobs of one provider+model in one unit (seconds, or multiples of the estimate)."""
 
-    __slots__ = ("added", "brackets", "cached", "stale")
+    __slots__ = ("_upper", "added", "brackets", "cached", "stale")
 
     def __init__(self, size: int) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
         self.cached: float | None = None  # the warm lower bound last worked out
         self.stale = False
         self.added = 0  # completions since it was worked out
+        self._upper: float | None = None  # the longest seen done, worked out when asked
 
     def add(self, low: float, high: float) -> None:
         self.brackets.append((low, high))
         self.added += 1
+        self._upper = None
         # Working it out reads every bracket: with many, one more moves it little.
         if len(self.brackets) < FEW_DONE or self.added >= LOWER_REFRESH:
             self.stale = True
@@ -171,7 +176,9 @@ class _Durations:
         return self.cached
 
     def upper(self) -> float:
-        return max(done for _, done in self.brackets)
+        if self._upper is None:
+            self._upper = max(done for _, done in self.brackets)
+        return self._upper
 
 
 @attrs.define(slots=True)
@@ -464,14 +471,23 @@ def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
         reference = sorted(censored)[len(censored) // 2] if censored else min(r for r, _ in seen)
         return reference * CENSORED_BACKOFF
 
+    censored.sort()
+    highest = max(done for _, done in brackets)
+
     def share_done_by(x: float) -> float:
         # Each bracketed job is spread evenly over its bracket; a censored one sits at its bound.
-        count = sum(_share(x, running, done) for running, done in seen)
-        return (count + sum(1 for done in censored if done <= x)) / total
+        # (The loop is the planner's hot spot: plain arithmetic, no call per bracket.)
+        count = 0.0
+        for running, done in seen:
+            if x >= done:
+                count += 1.0
+            elif x > running:
+                count += (x - running) / (done - running)
+        return (count + bisect.bisect_right(censored, x)) / total
 
     def quantile(p: float) -> float:
-        low, high = 0.0, max(done for _, done in brackets)
-        for _ in range(40):
+        low, high = 0.0, highest
+        for _ in range(QUANTILE_STEPS):
             middle = (low + high) / 2
             low, high = (middle, high) if share_done_by(middle) < p else (low, middle)
         return high
@@ -483,13 +499,6 @@ def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
         # seen done. (Only then: later, one freak quick answer must not pin the bound.)
         lower = min(lower, min(done for _, done in brackets) / QUICKEST_MARGIN)
     return lower
-
-
-def _share(x: float, running: float, done: float) -> float:
-    """How much of a job known to end in (running, done] has ended by ``x``."""
-    if done <= running:
-        return 1.0 if x >= done else 0.0
-    return min(1.0, max(0.0, (x - running) / (done - running)))
 
 
 def webhook_wait(upper_bound: float | None, settings: PollSettings) -> float:

@@ -169,7 +169,7 @@ class ProviderClient:
             model,
             request,
             deadline=self._deadline(timeout),
-            hold_uncertain=self._hold_uncertain(model),
+            hold_uncertain=lambda: self._hold_uncertain(model),
             **options,
         )
 
@@ -231,6 +231,7 @@ class ProviderClient:
             read_timeout=read_timeout,
             # Sync mode: the exchange is the job, so the job's timeout bounds it whole.
             exchange_limit=None if read_timeout is None or timeout is None else timeout,
+            eager=sync,
         )
         # Timed from when the request went out (pool and limiter waits are not job time):
         # exact when sync mode answered with the result.

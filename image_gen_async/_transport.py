@@ -188,6 +188,12 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int, where: str) 
         yield chunk
 
 
+def _encoded(response: aiohttp.ClientResponse) -> bool:
+    """A compressed body: its Content-Length counts what is on the wire, not what it inflates to."""
+    encoding = response.headers.get("Content-Encoding") or ""
+    return encoding.strip().lower() not in ("", "identity")
+
+
 class Transport:
     """The one aiohttp session of an ``AsyncSession``: made on first use, closed once."""
 
@@ -278,7 +284,13 @@ class Transport:
                     allow_redirects=False,
                     **options,
                 ) as response:
-                    raw = b"".join([chunk async for chunk in read_capped(response, MAX_ANSWER_BYTES, where)])
+                    length = response.content_length
+                    if length is not None and length <= MAX_ANSWER_BYTES and not _encoded(response):
+                        raw = await response.read()  # the usual answer: its length known and small
+                    else:
+                        raw = b"".join(
+                            [chunk async for chunk in read_capped(response, MAX_ANSWER_BYTES, where)]
+                        )
         except TimeoutError:
             failure = TransportError(f"{where}: no complete answer within {limit:.1f} s")
         except aiohttp.ClientError as error:
