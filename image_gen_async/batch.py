@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import attrs
 
-from . import _json
+from . import _config, _json
 from ._journal import FINAL_STATES, JOURNAL_FAILURES, JobRow, Journal, storable
 from ._session import AsyncSession, ProviderClient
 from .download import DEFAULT_MAX_BYTES, EXTENSIONS, OTHER_EXTENSION
@@ -40,6 +40,7 @@ from .errors import (
     BackendUnavailableError,
     ConfigurationError,
     ImageGenError,
+    InvalidRequestError,
     NotFoundError,
     NotSupportedError,
     PaymentRequiredError,
@@ -1107,8 +1108,9 @@ async def run_batch(
     input, or a directory holding earlier results its journal does not cover (missing,
     empty, damaged or having lost commits): nothing is sent then.
     """
-    if concurrency < 1:
-        raise ConfigurationError("concurrency must be at least 1")
+    # Checked before anything is read or sent: a bad value must not cost a paid create.
+    concurrency = _config.whole_number("concurrency", concurrency, 1)
+    max_bytes = _config.whole_number("max_bytes", max_bytes, 1, error=InvalidRequestError)
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
     ):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from image_gen_async import ConfigurationError, PollSettings
+from image_gen_async import ConfigurationError, InvalidRequestError, PollSettings
 from image_gen_async.batch import CreditBudget, JobSpec, run_batch
 from image_gen_async.testing import Emulator
 
@@ -129,3 +129,22 @@ async def test_max_credits_needs_a_provider_that_lists_prices(
     with pytest.raises(ConfigurationError, match="no prices"):
         await run_batch(make_session(), "dh3", "nano-banana-pro", prompts(3), out_dir=tmp_path, max_credits=5)
     assert emulator.stats.creates["dh3"] == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("concurrency", 0, ConfigurationError),
+        ("concurrency", 1.5, ConfigurationError),
+        ("concurrency", True, ConfigurationError),
+        ("max_bytes", 0, InvalidRequestError),
+        ("max_bytes", "10", InvalidRequestError),
+        ("max_credits", -1, ConfigurationError),
+    ],
+)
+async def test_bad_batch_options_are_refused_before_anything_is_sent(
+    make_session: SessionFactory, emulator: Emulator, tmp_path: Path, option: str, value: object, error: type
+) -> None:
+    with pytest.raises(error, match=option):
+        await run_batch(make_session(), "nananobanana", NANO, prompts(3), out_dir=tmp_path, **{option: value})
+    assert sum(emulator.stats.create_requests.values()) == 0
