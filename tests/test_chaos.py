@@ -1,4 +1,4 @@
-"""Chaos soak: 2000 jobs on all four APIs through every fault at once; nothing lost, nothing paid twice."""
+"""Chaos soak: 1000 jobs on all four APIs through every fault at once; nothing lost, nothing paid twice."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from image_gen_async.testing import Emulator, EmulatorConfig, Faults
 
 from .conftest import CLIENTS, KEYS, MODELS, SessionFactory
 
-JOBS = 2000
+JOBS = 1000
 CHAOS = Faults(
     poll_5xx=0.20,
     poll_drop=0.05,
