@@ -49,8 +49,6 @@ from .providers import Codec, ErrorReport, HttpRequest, Refusal, Snapshot
 log = logging.getLogger("image_gen_async")
 T = TypeVar("T")
 
-# Body fields that carry a callback URL (Get3W v3, dh3); the last path segment is the token.
-CALLBACK_FIELDS = frozenset({"webhook_url", "callback_url"})
 # Creates cancelled after they went out, remembered for the user to resume.
 ORPHANS_KEPT = 1000
 _NOT_JSON: Any = object()
@@ -403,7 +401,7 @@ class Engine:
                 provider=target.name,
                 model=model,
                 task_id=task_id,
-                request_body=_without_callback_token(request.json),
+                request_body=_without_callback_token(request.json, target.codec.callback_fields),
             )
             uncertain.__cause__ = error  # ours, not aiohttp's: it carries no request headers
             return uncertain
@@ -587,12 +585,12 @@ def _ready(limiter: Limiter) -> Ticket | None:
     return ready() if ready is not None else None
 
 
-def _without_callback_token(body: Any) -> Any:
+def _without_callback_token(body: Any, fields: frozenset[str]) -> Any:
     """The create body for an error report, callback URLs cut before their last segment (the token)."""
     if not isinstance(body, Mapping):
         return body
     return {
-        key: value.rsplit("/", 1)[0] + "/***" if key in CALLBACK_FIELDS and isinstance(value, str) else value
+        key: value.rsplit("/", 1)[0] + "/***" if key in fields and isinstance(value, str) else value
         for key, value in body.items()
     }
 

@@ -186,6 +186,9 @@ class Codec(abc.ABC):
     # The header carrying a hex HMAC-SHA256 of the raw callback body, where the provider signs.
     signature_header: ClassVar[str | None] = None
     status_words: ClassVar[Mapping[str, TaskStatus]] = {}
+    # Create-body fields that carry a callback URL, whose last segment (the token) is redacted
+    # wherever the body is reported.
+    callback_fields: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def submit_request(

@@ -76,6 +76,7 @@ class Dh3Codec(Codec):
     """dh3's task API."""
 
     name = "dh3"
+    callback_fields = frozenset({"callback_url"})
     example_model = "nano-banana-pro"
     default_base_url = "https://api.dh3.app"
     env_var = "DH3_API_KEY"

@@ -198,6 +198,7 @@ class Get3WV3Codec(_Get3WCodec):
 
     name = "get3w_v3"
     example_model = "get3w/flux-dev"
+    callback_fields = frozenset({"webhook_url"})
     signature_header = "X-Get3W-Signature"
 
     def submit_request(
