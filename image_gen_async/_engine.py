@@ -132,7 +132,9 @@ def encode_body(request: HttpRequest) -> bytes | None:
         raise InvalidRequestError(f"parameters are not JSON: {error}") from None
 
 
-def read_answer(target: Target, answer: Answer) -> Reading:
+def read_answer(
+    target: Target, answer: Answer, error_of: Callable[[int, Any], ErrorReport | None] | None = None
+) -> Reading:
     """The answer's JSON and the error it carries (as an ``APIError``), keys masked in any text."""
     codec, status = target.codec, answer.status
     if 300 <= status < 400:
@@ -151,7 +153,7 @@ def read_answer(target: Target, answer: Answer) -> Reading:
         error = ProtocolError(f"{codec.name}: answer is not JSON (HTTP {status}): {snippet!r}", field="$")
         return Reading(body, None, error, Failure.NOT_JSON)
     try:
-        report = codec.error_of(status, None if body is _NOT_JSON else body)
+        report = (error_of or codec.error_of)(status, None if body is _NOT_JSON else body)
     except Exception as odd:
         return Reading(body, None, unreadable(codec, odd), Failure.BAD_SHAPE)
     if report is None:
@@ -456,6 +458,7 @@ class Engine:
         on_retry: Callable[[int, float, ImageGenError], None] | None = None,
         past_deadline: Callable[[ImageGenError], BaseException] | None = None,
         budget: RetryBudget | None = None,
+        error_of: Callable[[int, Any], ErrorReport | None] | None = None,
     ) -> T:
         """A GET of the provider's (a status, the credits, the models), read by ``reader``.
 
@@ -475,7 +478,7 @@ class Engine:
                 if classify_poll(http_status=None, failure=transport_failure(error)) is Verdict.RETRY:
                     raise Retry(error) from None
                 raise
-            value, refusal, verdict = read_reply(target, answer, reader)
+            value, refusal, verdict = read_reply(target, answer, reader, error_of)
             if verdict is Verdict.ACCEPTED and value is not None:
                 return value
             assert refusal is not None
@@ -526,10 +529,13 @@ def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
 
 
 def read_reply(
-    target: Target, answer: Answer, reader: Callable[[Any], T]
+    target: Target,
+    answer: Answer,
+    reader: Callable[[Any], T],
+    error_of: Callable[[int, Any], ErrorReport | None] | None = None,
 ) -> tuple[T | None, ImageGenError | None, Verdict]:
     """A read's answer: the value if usable, else the error and the verdict."""
-    body, report, error, failure = read_answer(target, answer)
+    body, report, error, failure = read_answer(target, answer, error_of)
     value = None
     if error is None:
         try:

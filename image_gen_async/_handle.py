@@ -14,12 +14,12 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
 from ._capacity import Slot
 from ._config import number_in
-from .errors import InvalidRequestError, TaskFailedError
+from .errors import InvalidRequestError, NotSupportedError, TaskFailedError
 from .models import TaskResult, TaskStatus
 
 
@@ -36,7 +36,9 @@ class TaskHandle:
 
     __slots__ = (
         "__weakref__",
+        "_cancel_remote",
         "_future",
+        "_listeners",
         "_on_cancel",
         "_slot",
         "credits_used",
@@ -78,6 +80,10 @@ class TaskHandle:
         self._on_cancel: Callable[[], object] | None = None
         # The task's place in its key's capacity window, given back once the handle is done.
         self._slot: Slot | None = None
+        # Status callbacks (``on_status``, ``updates``); None until the first one, to stay small.
+        self._listeners: list[Callable[[TaskStatus], object]] | None = None
+        # Cancels the task at the provider, where its API can (set by the client).
+        self._cancel_remote: Callable[[], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -132,6 +138,42 @@ class TaskHandle:
             timeout = number_in("timeout", timeout, 0.0, math.inf, error=InvalidRequestError)
         return await asyncio.wait_for(asyncio.shield(self._future), timeout)
 
+    def on_status(self, callback: Callable[[TaskStatus], object]) -> None:
+        """Call ``callback(status)`` on every status change seen (queued → processing → done)."""
+        if self._listeners is None:
+            self._listeners = []
+        self._listeners.append(callback)
+
+    async def updates(self) -> AsyncIterator[TaskStatus]:
+        """The statuses as they change: the current one first, the terminal one last.
+
+        Ends once the handle is done (with the job's error raised only by ``await handle``).
+        """
+        changes: asyncio.Queue[TaskStatus | None] = asyncio.Queue()
+        self.on_status(changes.put_nowait)
+        self._future.add_done_callback(lambda _: changes.put_nowait(None))
+        try:
+            last = self.status
+            yield last
+            while not self._future.done() or not changes.empty():
+                status = await changes.get()
+                if status is None:
+                    break
+                if status is not last:
+                    last = status
+                    yield status
+        finally:
+            if self._listeners is not None and changes.put_nowait in self._listeners:
+                self._listeners.remove(changes.put_nowait)
+
+    async def cancel_remote(self) -> None:
+        """Cancel the task at the provider (Get3W v3 ``DELETE /api/v3/predictions/{id}``), then
+        stop waiting. ``NotSupportedError`` where the provider's API has no cancel call."""
+        if self._cancel_remote is None:
+            raise NotSupportedError(f"{self.provider} has no call to cancel a task in its API")
+        await self._cancel_remote()
+        self.cancel()
+
     def add_done_callback(self, callback: Callable[[TaskHandle], object]) -> None:
         """Call ``callback(handle)`` once the handle is done (at once if it already is)."""
         self._future.add_done_callback(lambda _: callback(self))
@@ -144,10 +186,15 @@ class TaskHandle:
             slot.release()
 
     def observe(self, status: TaskStatus) -> None:
-        """Record the status seen on the wire, logging changes."""
+        """Record the status seen on the wire (a poll or a webhook), logging and telling changes."""
         if status is not self.status:
             log.info("%s task %s: %s -> %s", self.provider, self.task_id, self.status.value, status.value)
             self.status = status
+            for listener in list(self._listeners or ()):
+                try:
+                    listener(status)
+                except Exception:  # a caller's callback must not stop the job
+                    log.exception("%s task %s: a status callback failed", self.provider, self.task_id)
 
     def resolve(self, result: TaskResult) -> None:
         """Finish with the provider's final answer (first answer wins)."""

@@ -96,6 +96,18 @@ class ProviderClient:
         engine = self._session._engine
         return await engine.read(target, request, target.codec.read_models, budget=engine.create_budget)
 
+    async def _cancel(self, request: HttpRequest) -> None:
+        """Send a task's cancel (a DELETE: safe to repeat), within a create's count of tries."""
+        target = self._ready_target()
+        engine = self._session._engine
+        await engine.read(
+            target,
+            request,
+            lambda body: True,
+            budget=engine.create_budget,
+            error_of=target.codec.cancel_error_of,
+        )
+
     def _supported(self, request: HttpRequest | None, call: str) -> HttpRequest:
         if request is None:
             raise NotSupportedError(f"{self.name} has no {call} call in its API")
@@ -298,6 +310,9 @@ class ProviderClient:
         )
         handle._slot = slot  # given back when the handle is done
         handle.credits_used = snapshot.credits_used
+        cancel = target.codec.cancel_request(handle.task_id)
+        if cancel is not None:
+            handle._cancel_remote = lambda: self._cancel(cancel)
         if snapshot.result is not None:
             follow.finish(target, handle, snapshot.result, took)
         else:

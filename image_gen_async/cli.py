@@ -320,7 +320,16 @@ async def _generate(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--param {reserved}=... is not a provider parameter")
     async with _session(args) as session:
         _require_key(session, args.provider)
-        result = await session.client(args.provider).generate(args.model, prompt=args.prompt, **params)
+        client = session.client(args.provider)
+        handle = await client.submit(args.model, prompt=args.prompt, **params)
+        # The live status, one line per change (a spinner on a terminal).
+        with console.status(f"{handle.provider} task {handle.task_id}: submitted") as live:
+            async for status in handle.updates():
+                line = f"{handle.provider} task {handle.task_id}: {status.value}"
+                live.update(line)
+                if not console.is_terminal and not status.terminal:
+                    console.print(line, highlight=False)
+        result = await handle
         console.print(f"{result.provider} task {result.task_id}: {result.status.value}", highlight=False)
         for url in result.urls:
             console.print(url, highlight=False, soft_wrap=True)

@@ -84,6 +84,8 @@ async def test_generate_prints_the_result_and_saves_it(emulator: Emulator, tmp_p
     (name,) = names(tmp_path)
     assert f"saved {tmp_path / name}" in stdout and "completed" in stdout
     (task,) = emulator.tasks.values()
+    # The live status, a line per change when stdout is not a terminal, then the result.
+    assert stdout.index(f"dh3 task {task.id}: queued") < stdout.index(f"dh3 task {task.id}: completed")
     assert task.input["nano_banana_pro_input"]["seed"] == 7  # JSON values are decoded
 
     code, stdout, stderr = await cli(*generate, "--prompt", "x [fail]")

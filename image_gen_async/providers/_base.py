@@ -256,6 +256,14 @@ class Codec(abc.ABC):
                         return found
         return None
 
+    def cancel_request(self, task_id: str) -> HttpRequest | None:
+        """The call that cancels a task at the provider; None where the API has none."""
+        return None
+
+    def cancel_error_of(self, http_status: int, body: Any) -> ErrorReport | None:
+        """The error a cancel's answer carries, or None (by default, read as any answer)."""
+        return self.error_of(http_status, body)
+
     def credits_request(self) -> HttpRequest | None:
         """The call that reads the account's balance; None where the API has none."""
         return None

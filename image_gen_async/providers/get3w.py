@@ -225,6 +225,17 @@ class Get3WV3Codec(_Get3WCodec):
     def read_poll(self, task_id: str, model: str, body: Any) -> Snapshot:
         return self.read_submit(model, body)
 
+    def cancel_request(self, task_id: str) -> HttpRequest:
+        """``DELETE /api/v3/predictions/{id}``: the documented way to delete a task."""
+        return HttpRequest("DELETE", f"/api/v3/predictions/{quote(task_id, safe='')}")
+
+    def cancel_error_of(self, http_status: int, body: Any) -> ErrorReport | None:
+        """A delete's envelope may carry ``data: null``: only its ``code`` says failure."""
+        fields = body if isinstance(body, Mapping) else {}
+        if http_status < 400 and success_code(fields.get("code")) is not False:
+            return None
+        return error_report(http_status, fields.get("code"), fields.get("message") or fields.get("error"))
+
     def read_callback(self, task_id: str, model: str, body: Any) -> Snapshot:
         """v3 posts the bare prediction; an enveloped one is accepted too."""
         if isinstance(body, Mapping) and "data" not in body:
