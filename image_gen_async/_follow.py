@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from typing import Any
 
 import attrs
 
@@ -55,6 +56,7 @@ class Follow:
         polling = engine.settings.polling
         self.keen = attrs.evolve(polling, growth=polling.growth / 2, min_interval=polling.min_interval / 2)
         self.followers: set[Follower] = set()
+        self.telemetry: Any = None  # an otel.Telemetry, when the session has one
 
     def start(
         self,
@@ -325,6 +327,8 @@ class Follower:
                 raise
             handle.polls += 1
             handle.observe(snapshot.status)
+            if follow.telemetry is not None:
+                follow.telemetry.polled(handle)
             if snapshot.unknown_status is not None and not self._warned:
                 self._warned = True
                 log.warning(

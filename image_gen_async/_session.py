@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -26,6 +26,9 @@ from .errors import APIError, ConfigurationError, InvalidRequestError, NotSuppor
 from .models import ModelInfo, TaskResult, TaskStatus
 from .providers import CODECS, FALLBACK_CLIENT, HttpRequest, Snapshot
 from .webhooks import WebhookReceiver
+
+if TYPE_CHECKING:
+    from .otel import Telemetry
 
 # Get3W's webhook signing secret (v3 signs with X-Get3W-Signature).
 WEBHOOK_SECRET_ENV = "GET3W_WEBHOOK_SECRET"
@@ -167,23 +170,39 @@ class ProviderClient:
         if webhook:
             webhook_url = await self._callback_url(webhook, webhook_url)
         request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
-        created = await self._create(target, model, request, timeout, before_send=before_create)
-        return self._follow(
+        created, traced = await self._create(target, model, request, timeout, before_send=before_create)
+        handle = self._follow(
             created.snapshot, model, created.retries, timeout, webhook=webhook, slot=created.slot
         )
+        self._trace(traced, handle, created)
+        return handle
 
     async def _create(
         self, target: Target, model: str, request: HttpRequest, timeout: float | None, **options: Any
-    ) -> Created:
-        """The engine's create, bounded by the job's deadline; an uncertain one holds its slot a while."""
-        return await self._session._engine.create(
-            target,
-            model,
-            request,
-            deadline=self._deadline(timeout),
-            hold_uncertain=lambda: self._hold_uncertain(model),
-            **options,
-        )
+    ) -> tuple[Created, Any]:
+        """The engine's create, bounded by the job's deadline; an uncertain one holds its slot a
+        while. With telemetry, the job's span starts here (the second value, else None)."""
+        telemetry = self._session._telemetry
+        traced = telemetry.job_started(self.name, model) if telemetry is not None else None
+        try:
+            created = await self._session._engine.create(
+                target,
+                model,
+                request,
+                deadline=self._deadline(timeout),
+                hold_uncertain=lambda: self._hold_uncertain(model),
+                **options,
+            )
+        except BaseException as error:
+            if telemetry is not None:
+                telemetry.create_failed(traced, self.name, error)
+            raise
+        return created, traced
+
+    def _trace(self, traced: Any, handle: TaskHandle, created: Created) -> None:
+        telemetry = self._session._telemetry
+        if telemetry is not None:
+            telemetry.created(traced, handle, created.retries, created.refusals)
 
     def _hold_uncertain(self, model: str) -> float | None:
         """How long an uncertain create keeps its capacity slot: as long as its task may run,
@@ -235,7 +254,7 @@ class ProviderClient:
                 if timeout is None
                 else min(timeout, engine.settings.sync_timeout)
             )
-        created = await self._create(
+        created, traced = await self._create(
             target,
             model,
             request,
@@ -257,6 +276,7 @@ class ProviderClient:
             took=(took, took),
             slot=created.slot,
         )
+        self._trace(traced, handle, created)
         try:
             return await handle
         except asyncio.CancelledError:
@@ -382,6 +402,7 @@ class AsyncSession:
         env: Mapping[str, str] | None = None,
         max_concurrent: Mapping[str, int | None] | None = None,
         download_timeout: float = 600.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         # Every value is checked here, before a limiter or connection exists: a bad one is a
         # ConfigurationError naming it, never a paid create that fails afterwards.
@@ -434,6 +455,9 @@ class AsyncSession:
             )
         )
         self._follow = Follow(self._engine)
+        # OpenTelemetry, opt-in (image_gen_async.otel.Telemetry): None costs nothing.
+        self._telemetry = telemetry
+        self._follow.telemetry = telemetry
         environ = os.environ if env is None else env
         self._backend = limiter_backend or LocalBackend()
         limiters: dict[tuple[str, str], Limiter] = {}
