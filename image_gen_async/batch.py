@@ -107,6 +107,8 @@ def submit_outcome(error: BaseException) -> SubmitOutcome:
     """
     if isinstance(error, SubmitUncertainError):
         return "uncertain"
+    if isinstance(error, AdmissionTimeoutError):
+        return "later"  # no capacity within the deadline: nothing was sent
     if isinstance(error, TransportError) and not error.transient:
         return "stop"  # e.g. a TLS certificate problem: asking again will not help
     if isinstance(error, _LATER):
@@ -892,7 +894,8 @@ class _Batch:
                 if outcome in ("uncertain", "failed"):
                     raise
                 self._unsent(job.line)
-                if isinstance(error, JOURNAL_FAILURES):
+                if isinstance(error, JOURNAL_FAILURES) and not isinstance(error, ImageGenError):
+                    # (Our timeouts are TimeoutErrors, so OSErrors: they are no disk failure.)
                     self.gate.stop(f"the journal could not be written: {_describe(error)}")
                 elif outcome == "stop":
                     self.gate.stop(_describe(error), finish_running=isinstance(error, _ACCOUNT_STOPS))
