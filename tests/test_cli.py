@@ -174,7 +174,7 @@ async def kill_at_progress(process: asyncio.subprocess.Process, out: Path, progr
 
 
 async def test_batch_killed_three_times_pays_each_job_once(tmp_path: Path) -> None:
-    lines = 240
+    lines = 120
     source = write_jobs(tmp_path / "jobs.jsonl", [f"a fox, take {i}" for i in range(lines)])
     out = tmp_path / "out"
     seed = random.randrange(1 << 30)
@@ -183,7 +183,7 @@ async def test_batch_killed_three_times_pays_each_job_once(tmp_path: Path) -> No
     async with EmulatorProcess(*emulator_args, "--api-key", f"dh3={KEYS['dh3']}") as emulator:
         args = (
             "batch", str(source), "--provider", "dh3", "--model", DH3, "-o", str(out),
-            "--base-url", emulator.url, "--rate", "60", "--concurrency", "32",
+            "--base-url", emulator.url, "--rate", "80", "--concurrency", "32",
             "--first-poll", "0.05", "--min-poll-interval", "0.01",
         )  # fmt: skip
         for progress in thresholds:
