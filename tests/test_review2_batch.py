@@ -18,7 +18,8 @@ from image_gen_async.errors import AdmissionTimeoutError, TaskTimeoutError
 from image_gen_async.testing import Emulator
 
 from .batch_helpers import state_counts
-from .conftest import SessionFactory
+from .conftest import KEYS, SessionFactory
+from .test_cli import cli, write_jobs
 
 NANO = "nano-banana"
 QUICK = PollSettings(first_poll=0.005, min_interval=0.002, max_interval=0.05)
@@ -92,3 +93,22 @@ async def test_waiting_for_capacity_past_a_deadline_pauses_and_is_not_a_journal_
     assert stats.unfinished == 0  # no running task abandoned
     assert stats.ok and stats.done == 30
     assert emulator.stats.creates["nananobanana"] == 30
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the CLI stops the whole batch on one job's TaskTimeoutError (read as a stop, see above)",
+)
+async def test_the_cli_finishes_the_other_lines_when_one_job_times_out(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.config.duration = 0.05
+    source = write_jobs(tmp_path / "jobs.jsonl", ["a fox [slow]"] + [f"a fox, take {i}" for i in range(11)])
+    out = tmp_path / "out"
+    args = ("batch", str(source), "--provider", "nananobanana", "--model", NANO, "-o", str(out))
+    args += ("--base-url", emulator.url, "--no-download", "--first-poll", "0.01", "--timeout", "0.3")
+    args += ("--max-concurrent", "2", "--max-credits", "50", "--concurrency", "2")
+    code, stdout, stderr = await cli(*args, keys={"NANANOBANANA_API_KEY": KEYS["nananobanana"]})
+    assert code == 1, stdout + stderr  # the slow job is left unfinished: a rerun polls it
+    assert state_counts(out) == {"done": 11, "submitted": 1}, stdout + stderr
+    assert emulator.stats.creates["nananobanana"] == 12
