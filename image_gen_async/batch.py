@@ -95,8 +95,13 @@ _STOP: tuple[type[Exception], ...] = (
     AuthenticationError,
     PaymentRequiredError,
     PermissionDeniedError,
-    *JOURNAL_FAILURES,
 )
+
+
+def is_journal_failure(error: BaseException) -> bool:
+    """The journal or the disk failed. (Our timeouts are TimeoutErrors, so OSErrors by descent:
+    a job's deadline is never a disk failure.)"""
+    return isinstance(error, JOURNAL_FAILURES) and not isinstance(error, ImageGenError)
 
 
 def submit_outcome(error: BaseException) -> SubmitOutcome:
@@ -113,7 +118,7 @@ def submit_outcome(error: BaseException) -> SubmitOutcome:
         return "stop"  # e.g. a TLS certificate problem: asking again will not help
     if isinstance(error, _LATER):
         return "later"
-    if isinstance(error, _STOP):
+    if isinstance(error, _STOP) or is_journal_failure(error):
         return "stop"
     return "failed"
 
@@ -759,6 +764,9 @@ class _Batch:
         except _Left:
             log.info("batch job %d left for a rerun to poll: the batch stopped", job.line)
             self.stats.unfinished += 1
+        except ImageGenError as error:  # (a timeout is an OSError by descent: never the journal's)
+            log.warning("batch job %d left unfinished: %s", job.line, error)
+            self.stats.unfinished += 1
         except JOURNAL_FAILURES as error:
             log.error("batch job %d: the journal or output directory failed: %s", job.line, _describe(error))
             self.gate.stop(f"the journal or output directory failed: {_describe(error)}")
@@ -894,8 +902,7 @@ class _Batch:
                 if outcome in ("uncertain", "failed"):
                     raise
                 self._unsent(job.line)
-                if isinstance(error, JOURNAL_FAILURES) and not isinstance(error, ImageGenError):
-                    # (Our timeouts are TimeoutErrors, so OSErrors: they are no disk failure.)
+                if is_journal_failure(error):
                     self.gate.stop(f"the journal could not be written: {_describe(error)}")
                 elif outcome == "stop":
                     self.gate.stop(_describe(error), finish_running=isinstance(error, _ACCOUNT_STOPS))

@@ -13,7 +13,7 @@ import pytest
 
 from image_gen_async import PollSettings
 from image_gen_async._journal import JOURNAL_FAILURES
-from image_gen_async.batch import PauseSettings, run_batch, submit_outcome
+from image_gen_async.batch import PauseSettings, is_journal_failure, run_batch, submit_outcome
 from image_gen_async.errors import AdmissionTimeoutError, TaskTimeoutError
 from image_gen_async.testing import Emulator
 
@@ -25,9 +25,6 @@ NANO = "nano-banana"
 QUICK = PollSettings(first_poll=0.005, min_interval=0.002, max_interval=0.05)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="both are OSErrors (JOURNAL_FAILURES); TaskTimeoutError: submit_outcome says 'stop'"
-)
 @pytest.mark.parametrize(
     "error",
     [
@@ -38,14 +35,9 @@ QUICK = PollSettings(first_poll=0.005, min_interval=0.002, max_interval=0.05)
 def test_a_timeout_is_never_a_reason_to_stop_the_batch(error: Exception) -> None:
     assert submit_outcome(error) in ("later", "failed")
     # What batch._create and batch._run do with it next: neither may read it as a journal failure.
-    assert not isinstance(error, JOURNAL_FAILURES)
+    assert isinstance(error, JOURNAL_FAILURES) and not is_journal_failure(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one job's TaskTimeoutError (an OSError) is read as a stop: the whole batch stops, "
-    "abandons its running tasks and never reads the remaining lines",
-)
 async def test_one_slow_job_timing_out_does_not_stop_the_batch(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -68,11 +60,6 @@ async def test_one_slow_job_timing_out_does_not_stop_the_batch(
     assert state_counts(tmp_path) == {"done": 19, "submitted": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AdmissionTimeoutError (waiting for capacity past the job's deadline) is an OSError: "
-    "_create takes it for a journal failure and stops the batch instead of pausing",
-)
 async def test_waiting_for_capacity_past_a_deadline_pauses_and_is_not_a_journal_failure(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -95,10 +82,6 @@ async def test_waiting_for_capacity_past_a_deadline_pauses_and_is_not_a_journal_
     assert emulator.stats.creates["nananobanana"] == 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CLI stops the whole batch on one job's TaskTimeoutError (read as a stop, see above)",
-)
 async def test_the_cli_finishes_the_other_lines_when_one_job_times_out(
     emulator: Emulator, tmp_path: Path
 ) -> None:
