@@ -239,6 +239,7 @@ class Engine:
         account = target.account
         retries = refusals = 0
         sent_at = 0.0
+        went_out = False  # a cancelled create that had gone out
 
         loop = asyncio.get_running_loop()
 
@@ -265,6 +266,10 @@ class Engine:
                     # past it, none is started.
                     raise AdmissionTimeoutError(f"{target.name}: the job's deadline passed; nothing was sent")
                 answer = await self._send_create(target, model, request, body, limit, read_timeout, ticket)
+            except asyncio.CancelledError:
+                nonlocal went_out
+                went_out = ticket.was_sent  # its task may be made: the slot is held (below)
+                raise
             except TransportError as error:
                 verdict = classify_create(
                     sent=ticket.was_sent, http_status=None, failure=transport_failure(error)
@@ -322,7 +327,9 @@ class Engine:
                 await asyncio.sleep(wait)
                 continue
             except BaseException as error:
-                uncertain = isinstance(error, SubmitUncertainError)
+                # A create that may have made a task (uncertain, or cancelled once it went out)
+                # keeps its place as long as the model's jobs run, when that is known.
+                uncertain = isinstance(error, SubmitUncertainError) or went_out
                 hold = hold_uncertain() if hold_uncertain is not None and uncertain else None
                 if hold:
                     loop.call_later(hold, slot.release)  # its task may hold the place that long

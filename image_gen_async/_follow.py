@@ -234,8 +234,12 @@ class Follower:
         """The poll on the wire right now, if any."""
         return self._task
 
-    def cancel(self) -> None:
-        """Stop: no further poll, and the one on the wire (if any) is cancelled."""
+    def cancel(self) -> float | None:
+        """Stop: no further poll, and the one on the wire (if any) is cancelled.
+
+        Returns how much longer the task is likely to run at the provider (the longest job of
+        its model seen, less its age), or None when that is not known.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -243,6 +247,10 @@ class Follower:
             self._task.cancel()
             self._task = None
         self._leave()
+        longest = self._follow.planner.upper_bound(self._key, self._handle.estimated_duration)
+        if longest is None:
+            return None
+        return max(0.0, longest * 1.25 - (self._loop.time() - self.accepted))
 
     def _await_callback(self) -> None:
         """Wait for the callback, re-planning the safety net as the model's durations become known.

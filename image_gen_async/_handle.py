@@ -123,10 +123,11 @@ class TaskHandle:
     def cancel(self) -> bool:
         """Stop waiting and polling. Nothing is sent to the provider and nothing resubmitted."""
         on_cancel, self._on_cancel = self._on_cancel, None
-        if on_cancel is not None:
-            on_cancel()
+        # The follower says how much longer the task is likely to run at the provider: its
+        # capacity slot stays taken that long (the task still counts against the cap).
+        hold = on_cancel() if on_cancel is not None else None
         cancelled = self._future.cancel()
-        self._give_back()
+        self._give_back(hold if isinstance(hold, int | float) else None)
         if cancelled:
             self.finished_at = time.time()
             log.info("%s task %s: waiting cancelled", self.provider, self.task_id)
@@ -180,9 +181,13 @@ class TaskHandle:
 
     # Engine side.
 
-    def _give_back(self) -> None:
+    def _give_back(self, after: float | None = None) -> None:
         slot, self._slot = self._slot, None
-        if slot is not None:
+        if slot is None:
+            return
+        if after is not None and after > 0:
+            asyncio.get_running_loop().call_later(after, slot.release)
+        else:
             slot.release()
 
     def observe(self, status: TaskStatus) -> None:

@@ -23,7 +23,8 @@ def peak(emulator: Emulator) -> int:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a submit() cancelled after its create went out gives its slot back at once, while the "
+    reason="known limit, cold only: with no duration known for the model, "
+    "a submit() cancelled after its create went out gives its slot back at once, while the "
     "create, read on in the background, makes a task (session.orphans): the cap is exceeded",
 )
 async def test_a_cancelled_submit_whose_create_went_out_keeps_its_slot(
@@ -46,7 +47,8 @@ async def test_a_cancelled_submit_whose_create_went_out_keeps_its_slot(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="an uncertain create (connection lost after the task was made) gives its slot back at once "
+    reason="known limit, cold only: an uncertain create (connection lost after the task was made) "
+    "gives its slot back at once "
     "when the model has no duration history: the next create runs past max_concurrent",
 )
 async def test_an_uncertain_create_holds_its_slot_even_without_history(
@@ -66,7 +68,8 @@ async def test_an_uncertain_create_holds_its_slot_even_without_history(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a handle that times out (TaskTimeoutError: 'it may still finish') or is cancelled gives its "
+    reason="known limit: a handle that times out (overdue: it may be stuck), or is cancelled while "
+    "nothing is known of the model's durations, gives its "
     "slot back while its task still runs at the provider: the next create runs past max_concurrent",
 )
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
