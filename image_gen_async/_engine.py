@@ -261,6 +261,7 @@ class Engine:
                     pending = before_send()
                     if inspect.isawaitable(pending):
                         await pending
+                    account.check(target.name)  # ... or while the journal made its record durable
                 if deadline is not None and loop.time() >= deadline:
                     # Never cut a create short at the deadline (that would make it uncertain):
                     # past it, none is started.

@@ -1128,6 +1128,11 @@ async def run_batch(
         raise ConfigurationError(f"timeout must be a number of seconds above 0, got {timeout!r}")
     client = session.client(client_name)
     client.check_ready()
+    if client.blocked is not None:
+        raise ConfigurationError(
+            f"{client.name} is stopped by an earlier answer ({client.blocked}); fix the cause, then "
+            "call client.unblock() (or use a new session) and run the batch again"
+        )
     budget = None if max_credits is None else await _credit_budget(client, model, max_credits)
     directory = Path(out_dir)
     stats = BatchStats(total=total)
