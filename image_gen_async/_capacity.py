@@ -70,7 +70,7 @@ class CapacityGate(Protocol):
 
     @property
     def waiting(self) -> bool:
-        """True while creates wait for a place (their jobs' polls then come closer together)."""
+        """True while creates wait for a place at a known cap (their jobs' polls then come closer)."""
         ...
 
     def accepted(self) -> None:
@@ -158,7 +158,8 @@ class LocalGate:
 
     @property
     def waiting(self) -> bool:
-        return bool(self._waiters)
+        # Not while the window is still growing fast: those waits last a round trip.
+        return bool(self._waiters) and not self._learning
 
     @property
     def learning(self) -> bool:
