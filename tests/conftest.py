@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -97,3 +98,22 @@ def json_answer(body: Any, status: int = 200) -> Handler:
         return web.json_response(body, status=status)
 
     return handler
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a loopback port, for this module's tests."""
+    from .test_redis import RedisServer, redis_executable
+
+    server = RedisServer(redis_executable())
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A fresh namespace per test, so tests on one server never share a schedule."""
+    return f"test-{uuid.uuid4().hex[:8]}"

@@ -13,8 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -95,20 +94,7 @@ def redis_executable() -> str:
     return executable
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = RedisServer(redis_executable())
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def namespace() -> str:
-    """A fresh namespace per test, so tests on one server never share a schedule."""
-    return f"test-{uuid.uuid4().hex[:8]}"
+# The redis_url and namespace fixtures are in conftest.py (test_redis_capacity.py uses them too).
 
 
 async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -32,19 +32,7 @@ from .test_redis import WORKER, RedisServer, fingerprint, redis_executable
 GateFactory = Callable[..., RedisGate]
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = RedisServer(redis_executable())
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
+# The Redis server and namespace fixtures are test_redis.py's (imported above).
 
 
 @pytest.fixture
