@@ -110,19 +110,21 @@ async def test_a_missing_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 async def test_usage_errors_exit_2_and_help_documents_the_codes(tmp_path: Path) -> None:
-    for args in (
+    usage = [
         (),
         ("generate", "--provider", "nope", "--model", "m", "--prompt", "p"),
         ("generate", "--provider", "dh3", "--model", DH3, "--prompt", "p", "--param", "novalue"),
         ("batch", str(tmp_path / "missing.jsonl"), "--provider", "dh3", "--model", DH3, "-o", str(tmp_path)),
         ("batch", str(tmp_path), "--provider", "dh3", "--model", DH3, "-o", "o", "--concurrency", "0"),
-    ):
-        code, _, stderr = await cli(*args)
+    ]
+    # Each is its own process: run them side by side.
+    outcomes = await asyncio.gather(*(cli(*args) for args in usage), cli("--help"), cli("batch", "--help"))
+    for args, (code, _, stderr) in zip(usage, outcomes, strict=False):
         assert code == 2, args
         assert "Traceback" not in stderr
-    code, stdout, _ = await cli("--help")
+    code, stdout, _ = outcomes[-2]
     assert code == 0 and "exit codes" in stdout and "DH3_API_KEY" in stdout
-    code, stdout, _ = await cli("batch", "--help")
+    code, stdout, _ = outcomes[-1]
     assert code == 0 and "--resubmit-uncertain" in stdout and "--api-key" not in stdout
 
 

@@ -114,7 +114,7 @@ def fingerprint(key: str) -> str:
 
 
 async def test_four_processes_share_one_keys_limit(redis_url: str, namespace: str) -> None:
-    rate, jobs, workers = 20.0, 30, 4
+    rate, jobs, workers = 20.0, 20, 4
     async with EmulatorProcess("--dh3-qps", str(rate), "--duration", "0.2", "--no-record") as emulator:
         children = [
             await asyncio.create_subprocess_exec(
