@@ -404,7 +404,7 @@ class Engine:
     ) -> Exception:
         """The exception a create attempt ends with, from its verdict."""
         if verdict is Verdict.RETRY:
-            return Retry(error, getattr(error, "retry_after", None))
+            return Retry(error)
         if verdict is Verdict.UNCERTAIN:
             uncertain = SubmitUncertainError(
                 f"create may have reached the provider: {target.mask(describe(error))}",
@@ -491,7 +491,7 @@ class Engine:
                 return value
             assert refusal is not None
             if verdict is Verdict.RETRY:
-                raise Retry(refusal, getattr(refusal, "retry_after", None))
+                raise Retry(refusal)
             raise refusal
 
         return await retrying(
@@ -513,12 +513,9 @@ def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
     body, report, error, failure = read_answer(target, answer)
     snapshot = None
     if error is None:
-        try:
-            snapshot = checked_snapshot(codec, codec.read_submit(model, body))
-        except ProtocolError as bad_shape:
-            error, failure = bad_shape, Failure.BAD_SHAPE
-        except Exception as odd:
-            error, failure = unreadable(codec, odd), Failure.BAD_SHAPE
+        snapshot, error, failure = read_body(
+            codec, lambda body: checked_snapshot(codec, codec.read_submit(model, body)), body
+        )
     task_id = None if body is _NOT_JSON or snapshot is not None else _task_id_of(codec, body)
     verdict = classify_create(
         sent=True,
@@ -546,20 +543,28 @@ def read_reply(
     body, report, error, failure = read_answer(target, answer, error_of)
     value = None
     if error is None:
-        try:
-            value = reader(body)
-        except OtherTaskError as other:
-            error, failure = other, Failure.OTHER_TASK
-        except ProtocolError as bad_shape:
-            error, failure = bad_shape, Failure.BAD_SHAPE
-        except Exception as odd:
-            error, failure = unreadable(target.codec, odd), Failure.BAD_SHAPE
+        value, error, failure = read_body(target.codec, reader, body)
     verdict = classify_poll(
         http_status=answer.status,
         error_status=report.status if report is not None else None,
         failure=failure,
     )
     return value, error, verdict
+
+
+def read_body(
+    codec: Codec, reader: Callable[[Any], T], body: Any
+) -> tuple[T | None, ImageGenError | None, Failure | None]:
+    """``reader(body)``, or what went wrong: another task's answer, the wrong shape, or a
+    value no document foresaw (a codec's own surprise, made a ``ProtocolError``)."""
+    try:
+        return reader(body), None, None
+    except OtherTaskError as other:
+        return None, other, Failure.OTHER_TASK
+    except ProtocolError as bad_shape:
+        return None, bad_shape, Failure.BAD_SHAPE
+    except Exception as odd:
+        return None, unreadable(codec, odd), Failure.BAD_SHAPE
 
 
 def _task_id_of(codec: Codec, body: Any) -> str | None:

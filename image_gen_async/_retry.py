@@ -21,11 +21,17 @@ T = TypeVar("T")
 
 
 class Retry(Exception):
-    """An attempt's failure that asking again may mend; ``error`` is raised once the budget ends."""
+    """An attempt's failure that asking again may mend; ``error`` is raised once the budget ends.
+
+    The wait honours ``retry_after``, by default the server's ``Retry-After`` the error carries.
+    """
 
     def __init__(self, error: ImageGenError, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        if retry_after is None:
+            advice = getattr(error, "retry_after", None)
+            retry_after = advice if isinstance(advice, int | float) else None
         self.retry_after = retry_after
 
 

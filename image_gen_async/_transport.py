@@ -178,7 +178,7 @@ class AnswerTooLarge(TransportError):
 async def read_capped(response: aiohttp.ClientResponse, limit: int, where: str) -> AsyncIterator[bytes]:
     """The decoded body in chunks, never more than ``limit`` bytes in all."""
     length = response.content_length
-    if length is not None and length > limit and not response.headers.get("Content-Encoding"):
+    if length is not None and length > limit and not _encoded(response):
         raise AnswerTooLarge(f"{where}: answer of {length} bytes is over the {limit}-byte cap")
     size = 0
     async for chunk in response.content.iter_chunked(CHUNK):

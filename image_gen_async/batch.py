@@ -112,8 +112,6 @@ def submit_outcome(error: BaseException) -> SubmitOutcome:
     """
     if isinstance(error, SubmitUncertainError):
         return "uncertain"
-    if isinstance(error, AdmissionTimeoutError):
-        return "later"  # no capacity within the deadline: nothing was sent
     if isinstance(error, TransportError) and not error.transient:
         return "stop"  # e.g. a TLS certificate problem: asking again will not help
     if isinstance(error, _LATER):

@@ -147,7 +147,7 @@ async def _fetch_with_retries(
             return await _fetch(engine, url, directory, stem, max_bytes, where)
         except _Refused as refused:
             if classify_download(http_status=refused.status) is Verdict.RETRY:
-                raise Retry(refused, refused.retry_after) from None
+                raise Retry(refused) from None
             raise DownloadError(str(refused)) from None
         except TooLarge as error:
             raise DownloadError(str(error)) from None
