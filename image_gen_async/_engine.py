@@ -21,6 +21,7 @@ from yarl import URL
 from . import _json
 from ._capacity import Slot
 from ._classify import Failure, Verdict, classify_create, classify_poll
+from ._events import EventStream, EventTooLarge
 from ._polling import PollSettings
 from ._ratelimit import Limiter, Ticket
 from ._retry import Retry, RetryBudget, backoff_steps, next_wait, retrying
@@ -85,13 +86,15 @@ class OrphanedTask:
 
 
 class Created(NamedTuple):
-    """An accepted create: what it said, its retries, when it went out (loop clock), its slot."""
+    """An accepted create: what it said, its retries, when it went out (loop clock), its slot;
+    for a stream create, the open stream of the job's further events (the caller's to close)."""
 
     snapshot: Snapshot
     retries: int
     sent_at: float
     slot: Slot
     refusals: int
+    events: EventStream | None = None
 
 
 class Refused(Exception):
@@ -170,7 +173,7 @@ def read_answer(
 
 def transport_failure(error: TransportError) -> Failure:
     """Which way an exchange failed: no answer, an answer over its cap, or TLS (final)."""
-    if isinstance(error, AnswerTooLarge):
+    if isinstance(error, AnswerTooLarge | EventTooLarge):
         return Failure.TOO_LARGE
     return Failure.NO_ANSWER if error.transient else Failure.TLS
 
@@ -215,6 +218,7 @@ class Engine:
         hold_uncertain: Callable[[], float | None] | None = None,
         exchange_limit: float | None = None,
         eager: bool = False,
+        stream: bool = False,
     ) -> Created:
         """Admit, pace and send a create; retry only what cannot have made a task.
 
@@ -232,9 +236,13 @@ class Engine:
         (``exchange_limit``, else the session's), since cutting it short would leave it
         uncertain. ``hold_uncertain()``: seconds an uncertain create keeps its slot (its task
         may be running), or None to give it back at once. ``eager`` (sync mode): take a place
-        at once while no cap is known.
+        at once while no cap is known. ``stream``: the answer is an event stream, accepted
+        with its first event that names the task (one that ends first is uncertain).
         """
         body = encode_body(request)
+        codec = target.codec
+        until = (lambda data: names_task(codec, data)) if stream else None
+        events: EventStream | None = None
         limit = exchange_limit or self.transport.exchange_limit(read_timeout)
         account = target.account
         retries = refusals = 0
@@ -244,7 +252,7 @@ class Engine:
         loop = asyncio.get_running_loop()
 
         async def attempt() -> Snapshot:
-            nonlocal sent_at
+            nonlocal sent_at, events
             limiter = target.limiter
             ticket = _ready(limiter)
             if ticket is None:
@@ -266,7 +274,9 @@ class Engine:
                     # Never cut a create short at the deadline (that would make it uncertain):
                     # past it, none is started.
                     raise AdmissionTimeoutError(f"{target.name}: the job's deadline passed; nothing was sent")
-                answer = await self._send_create(target, model, request, body, limit, read_timeout, ticket)
+                answer = await self._send_create(
+                    target, model, request, body, limit, read_timeout, ticket, until
+                )
             except asyncio.CancelledError:
                 nonlocal went_out
                 went_out = ticket.was_sent  # its task may be made: the slot is held (below)
@@ -283,7 +293,10 @@ class Engine:
             read = read_create(target, model, answer)
             if read.verdict is Verdict.ACCEPTED and read.snapshot is not None:
                 limiter.reward()
+                events = answer.events
                 return read.snapshot
+            if answer.events is not None:
+                answer.events.close()
             assert read.error is not None
             if read.verdict is Verdict.REFUSED and read.refusal is not None:
                 if not read.refusal.capacity:
@@ -344,7 +357,7 @@ class Engine:
             account.gate.accepted()
             if snapshot.remaining_credits is not None:
                 account.remaining_credits = snapshot.remaining_credits
-            return Created(snapshot, retries, sent_at, slot, refusals)
+            return Created(snapshot, retries, sent_at, slot, refusals, events)
 
     async def _send_create(
         self,
@@ -355,11 +368,12 @@ class Engine:
         limit: float,
         read_timeout: float | None,
         ticket: Ticket,
+        until: Callable[[bytes], bool] | None = None,
     ) -> Answer:
         """The create's exchange, shielded: cancelled once sent, it is read to its end in the background."""
         sending = asyncio.ensure_future(
             self.transport.send(
-                target, request, body=body, limit=limit, read_timeout=read_timeout, ticket=ticket
+                target, request, body=body, limit=limit, read_timeout=read_timeout, ticket=ticket, until=until
             )
         )
         try:
@@ -378,7 +392,10 @@ class Engine:
         """A cancelled submit's create has been answered: name the task it made, loudly."""
         task_id = None
         if not sending.cancelled() and sending.exception() is None:
-            read = read_create(target, model, sending.result())
+            answer = sending.result()
+            if answer.events is not None:
+                answer.events.close()  # nobody follows it: the task is named below, for resume()
+            read = read_create(target, model, answer)
             task_id = read.snapshot.task_id if read.snapshot is not None else read.task_id
             if read.verdict in (Verdict.REFUSED, Verdict.FAILED):
                 return  # refused with certainty: nothing was made
@@ -513,9 +530,13 @@ def read_create(target: Target, model: str, answer: Answer) -> CreateReading:
     body, report, error, failure = read_answer(target, answer)
     snapshot = None
     if error is None:
-        snapshot, error, failure = read_body(
-            codec, lambda body: checked_snapshot(codec, codec.read_submit(model, body)), body
-        )
+
+        def read(body: Any) -> Snapshot:
+            if answer.events is not None:  # a stream's first event that names the task
+                return codec.read_stream_event(model, body, None)
+            return codec.read_submit(model, body)
+
+        snapshot, error, failure = read_body(codec, lambda body: checked_snapshot(codec, read(body)), body)
     task_id = None if body is _NOT_JSON or snapshot is not None else _task_id_of(codec, body)
     verdict = classify_create(
         sent=True,
@@ -565,6 +586,15 @@ def read_body(
         return None, bad_shape, Failure.BAD_SHAPE
     except Exception as odd:
         return None, unreadable(codec, odd), Failure.BAD_SHAPE
+
+
+def names_task(codec: Codec, data: bytes) -> bool:
+    """Whether a stream event is the create's answer: it names the task, or ends the job."""
+    try:
+        body = _json.loads(data)
+    except ValueError:
+        return False  # not JSON: not an answer; the next event may be
+    return _task_id_of(codec, body) is not None or codec.stream_event_final(body)
 
 
 def _task_id_of(codec: Codec, body: Any) -> str | None:

@@ -22,7 +22,9 @@ from typing import Any
 
 import attrs
 
+from . import _json
 from ._engine import Engine
+from ._events import EventStream
 from ._handle import TaskHandle
 from ._polling import PollPlanner, webhook_wait
 from ._transport import Target, describe
@@ -33,6 +35,7 @@ from .errors import (
     SessionClosedError,
     TaskFailedError,
     TaskTimeoutError,
+    TransportError,
 )
 from .models import TaskResult, TaskStatus
 from .providers import HttpRequest, Snapshot
@@ -67,14 +70,18 @@ class Follow:
         *,
         webhook: bool = False,
         learn: bool = True,
+        events: EventStream | None = None,
     ) -> None:
         """Follow an accepted task to its end in the background (after a webhook wait, if any).
 
-        ``learn=False`` (a resumed task, whose ages do not count from its start) keeps its
+        ``events``: the open stream of a stream create, read until the job ends; polling takes
+        over if it drops. ``learn=False`` (a resumed task, whose ages do not count from its start) keeps its
         polls out of the planner's history. Never raises: the task exists, so whatever goes
         wrong ends on its handle, which carries the task id for ``client.resume()``.
         """
         if self.engine.closed:
+            if events is not None:
+                events.close()
             handle.fail(
                 SessionClosedError(
                     f"the session closed as {target.name} accepted task {handle.task_id}; "
@@ -86,8 +93,10 @@ class Follow:
             follower = Follower(self, target, handle, snapshot, timeout, learn=learn)
             handle._on_cancel = follower.cancel
             self.followers.add(follower)
-            follower.begin(webhook=webhook)
+            follower.begin(webhook=webhook, events=events)
         except Exception as error:
+            if events is not None:
+                events.close()
             handle.fail(error)
 
     async def close(self) -> None:
@@ -167,6 +176,7 @@ class Follower:
 
     __slots__ = (
         "_context",
+        "_events",
         "_follow",
         "_handle",
         "_key",
@@ -216,10 +226,16 @@ class Follower:
         self._context = contextvars.copy_context()
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._events: EventStream | None = None  # a stream create's open stream, while read
 
-    def begin(self, *, webhook: bool = False) -> None:
-        """Start polling; with a webhook, only once the callback is clearly late."""
-        if webhook:
+    def begin(self, *, webhook: bool = False, events: EventStream | None = None) -> None:
+        """Start polling; with a webhook, only once the callback is clearly late; with a stream,
+        only if it drops before the job ends."""
+        if events is not None:
+            self._events = events
+            task = self._loop.create_task(self._listen(events))
+            self._task = None if task.done() else task
+        elif webhook:
             self._await_callback()
         else:
             self._plan()
@@ -246,6 +262,9 @@ class Follower:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._events is not None:
+            self._events.close()  # also when its reader was cancelled before it ran
+            self._events = None
         self._leave()
         longest = self._follow.planner.upper_bound(self._key, self._handle.estimated_duration)
         if longest is None:
@@ -369,6 +388,66 @@ class Follower:
             return
         self._task = None
         self._plan()
+
+    async def _listen(self, events: EventStream) -> None:
+        """Read the job's events until it ends; if the stream drops first, poll instead.
+
+        Until the deadline's last look: then the poll loop takes its last look and times out.
+        """
+        follow, handle, target = self._follow, self._handle, self._target
+        try:
+            try:
+                async with asyncio.timeout_at(self._last_look):
+                    while (data := await events.next()) is not None:
+                        snapshot = self._read_event(data) if data else None  # empty: a heartbeat
+                        if snapshot is None:
+                            continue
+                        handle.observe(snapshot.status)
+                        handle.report_progress(snapshot.progress, snapshot.message)
+                        if snapshot.result is not None:
+                            age = self._loop.time() - self.accepted
+                            took = (age, age) if self._learn else None
+                            follow.finish(target, handle, snapshot.result, took)
+                            self._end(None)
+                            return
+                why = "it ended before the job did"
+            except (TransportError, TimeoutError) as error:
+                why = describe(error) if isinstance(error, TransportError) else "the deadline is near"
+            finally:
+                events.close()
+                self._events = None
+            log.info("%s task %s: event stream dropped (%s); polling", target.name, handle.task_id, why)
+        except asyncio.CancelledError:
+            if self._task is not None:  # cancelled from outside, not by cancel()
+                self._end(
+                    SessionClosedError(
+                        f"the event stream of {target.name} task {handle.task_id} was cancelled; "
+                        "it may still finish: client.resume() picks it up"
+                    )
+                )
+            raise
+        except Exception as error:  # every failure ends on the handle, never in a lost task
+            self._end(error)
+            return
+        self._task = None
+        self._plan()
+
+    def _read_event(self, data: bytes) -> Snapshot | None:
+        """One event about this job, or None for one to pass over (unreadable, another task's)."""
+        handle, target = self._handle, self._target
+        try:
+            snapshot = target.codec.read_stream_event(handle.model, _json.loads(data), handle.task_id)
+        except Exception:  # not JSON, the wrong shape, a value no document foresaw
+            log.debug("%s task %s: an unreadable stream event, passed over", target.name, handle.task_id)
+            return None
+        if snapshot.task_id != handle.task_id:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "%s task %s: a stream event about another task, passed over", target.name, handle.task_id
+                )
+            return None
+        return snapshot
 
     def _on_retry(self, tries: int, wait: float, error: ImageGenError) -> None:
         handle = self._handle

@@ -40,12 +40,14 @@ class TaskHandle:
         "_future",
         "_listeners",
         "_on_cancel",
+        "_on_progress",
         "_slot",
         "credits_used",
         "estimated_duration",
         "finished_at",
         "model",
         "polls",
+        "progress",
         "provider",
         "retries",
         "status",
@@ -84,6 +86,9 @@ class TaskHandle:
         self._listeners: list[Callable[[TaskStatus], object]] | None = None
         # Cancels the task at the provider, where its API can (set by the client).
         self._cancel_remote: Callable[[], Awaitable[None]] | None = None
+        # How far along the job is (0-100), where the provider reports it (a stream), and who listens.
+        self.progress: float | None = None
+        self._on_progress: list[Callable[[float, str | None], object]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -145,6 +150,15 @@ class TaskHandle:
             self._listeners = []
         self._listeners.append(callback)
 
+    def on_progress(self, callback: Callable[[float, str | None], object]) -> None:
+        """Call ``callback(progress, message)`` as the provider reports progress (0-100).
+
+        Only streams report it (nananobanana ``stream=True``); polls carry a status only.
+        """
+        if self._on_progress is None:
+            self._on_progress = []
+        self._on_progress.append(callback)
+
     async def updates(self) -> AsyncIterator[TaskStatus]:
         """The statuses as they change: the current one first, the terminal one last.
 
@@ -200,6 +214,17 @@ class TaskHandle:
                     listener(status)
                 except Exception:  # a caller's callback must not stop the job
                     log.exception("%s task %s: a status callback failed", self.provider, self.task_id)
+
+    def report_progress(self, progress: float | None, message: str | None) -> None:
+        """Record the progress a stream event reported, telling listeners when it moved."""
+        if progress is None or progress == self.progress:
+            return
+        self.progress = progress
+        for listener in list(self._on_progress or ()):
+            try:
+                listener(progress, message)
+            except Exception:  # a caller's callback must not stop the job
+                log.exception("%s task %s: a progress callback failed", self.provider, self.task_id)
 
     def resolve(self, result: TaskResult) -> None:
         """Finish with the provider's final answer (first answer wins)."""

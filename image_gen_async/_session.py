@@ -16,6 +16,7 @@ from . import _config
 from ._backend import LimiterBackend, LocalBackend
 from ._capacity import Account, CapacityGate, LocalGate, Slot
 from ._engine import Created, Engine, EngineSettings, OrphanedTask, usable_task_id
+from ._events import EventStream
 from ._follow import Follow
 from ._handle import TaskHandle
 from ._polling import PollSettings
@@ -148,6 +149,8 @@ class ProviderClient:
         webhook_url: str | None = None,
         timeout: float | None = None,
         before_create: Callable[[], object] | None = None,
+        stream: bool = False,
+        on_progress: Callable[[float, str | None], object] | None = None,
         **params: Any,
     ) -> TaskHandle:
         """Create a task and return its handle once the provider has accepted it.
@@ -163,19 +166,48 @@ class ProviderClient:
         ``before_create()`` is called right before each create attempt is sent, after its
         rate-limit turn (if it returns an awaitable, that is awaited before sending): a
         journal records there, durably, that the job may exist from now on.
+
+        ``stream=True`` (nananobanana): the create's answer streams the job's events, which
+        report its status and progress (``on_progress(progress, message)``, ``handle.progress``);
+        if the stream drops, the handle polls. ``NotSupportedError`` for a provider without it.
         """
         # Checked before the create is sent: a deadline that cannot work must not cost a task.
         timeout = _config.call_timeout(timeout)
         target = self._ready_model(model)
-        if webhook:
-            webhook_url = await self._callback_url(webhook, webhook_url)
-        request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
-        created, traced = await self._create(target, model, request, timeout, before_send=before_create)
+        if stream:
+            request = self._stream_request(target, model, prompt, params, webhook or webhook_url is not None)
+        else:
+            if webhook:
+                webhook_url = await self._callback_url(webhook, webhook_url)
+            request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
+        created, traced = await self._create(
+            target, model, request, timeout, before_send=before_create, stream=stream
+        )
         handle = self._follow(
-            created.snapshot, model, created.retries, timeout, webhook=webhook, slot=created.slot
+            created.snapshot,
+            model,
+            created.retries,
+            timeout,
+            webhook=webhook,
+            slot=created.slot,
+            events=created.events,
+            on_progress=on_progress,
         )
         self._trace(traced, handle, created)
         return handle
+
+    def _stream_request(
+        self, target: Target, model: str, prompt: str, params: Mapping[str, Any], webhook: bool
+    ) -> HttpRequest:
+        """The stream create, for a provider that has one (nothing is sent otherwise)."""
+        if webhook:
+            raise InvalidRequestError("stream=True reports on the create's own answer: pass no webhook")
+        request = target.codec.stream_request(model, prompt, params)
+        if request is None:
+            raise NotSupportedError(
+                f"{self.name} has no stream mode (nananobanana has); watch handle.updates() instead"
+            )
+        return request
 
     async def _create(
         self, target: Target, model: str, request: HttpRequest, timeout: float | None, **options: Any
@@ -234,12 +266,28 @@ class ProviderClient:
         webhook: bool = False,
         webhook_url: str | None = None,
         timeout: float | None = None,
+        stream: bool = False,
+        on_progress: Callable[[float, str | None], object] | None = None,
         **params: Any,
     ) -> TaskResult:
         """Submit and wait for the result, using the provider's sync mode where it has one.
 
+        ``stream=True`` (nananobanana) uses its stream mode instead, reporting progress to
+        ``on_progress(progress, message)`` and polling if the stream drops.
         Raises ``TaskFailedError`` (or ``ContentPolicyError``) when the task fails.
         """
+        if stream:
+            handle = await self.submit(
+                model,
+                prompt=prompt,
+                webhook=webhook,
+                webhook_url=webhook_url,
+                timeout=timeout,
+                stream=True,
+                on_progress=on_progress,
+                **params,
+            )
+            return await self._result(handle)
         # Checked before the create is sent: a deadline that cannot work must not cost a task.
         timeout = _config.call_timeout(timeout)
         target = self._ready_model(model)
@@ -275,8 +323,13 @@ class ProviderClient:
             webhook=webhook,
             took=(took, took),
             slot=created.slot,
+            on_progress=on_progress,
         )
         self._trace(traced, handle, created)
+        return await self._result(handle)
+
+    @staticmethod
+    async def _result(handle: TaskHandle) -> TaskResult:
         try:
             return await handle
         except asyncio.CancelledError:
@@ -317,6 +370,8 @@ class ProviderClient:
         took: tuple[float, float] | None = None,
         learn: bool = True,
         slot: Slot | None = None,
+        events: EventStream | None = None,
+        on_progress: Callable[[float, str | None], object] | None = None,
     ) -> TaskHandle:
         target = self._target
         follow = self._session._follow
@@ -330,13 +385,18 @@ class ProviderClient:
         )
         handle._slot = slot  # given back when the handle is done
         handle.credits_used = snapshot.credits_used
+        if on_progress is not None:
+            handle.on_progress(on_progress)
+        handle.report_progress(snapshot.progress, snapshot.message)
         cancel = target.codec.cancel_request(handle.task_id)
         if cancel is not None:
             handle._cancel_remote = lambda: self._cancel(cancel)
         if snapshot.result is not None:
+            if events is not None:
+                events.close()
             follow.finish(target, handle, snapshot.result, took)
         else:
-            follow.start(target, handle, snapshot, timeout, webhook=webhook, learn=learn)
+            follow.start(target, handle, snapshot, timeout, webhook=webhook, learn=learn, events=events)
             if webhook:
                 self._session.webhooks.expect(target, handle)
         return handle

@@ -29,6 +29,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from ._capacity import Account
+from ._events import EventStream
 from ._ratelimit import Limiter, Ticket
 from .errors import ImageGenError, SessionClosedError, TransportError
 from .providers import Codec, HttpRequest
@@ -122,11 +123,16 @@ class Target:
 
 
 class Answer(NamedTuple):
-    """An HTTP answer, body read and decoded (a tuple: one is made per request)."""
+    """An HTTP answer, body read and decoded (a tuple: one is made per request).
+
+    For an event stream asked for (``send(until=...)``), ``raw`` is the first event that
+    ``until`` accepted and ``events`` the open stream of the rest, the caller's to close.
+    """
 
     status: int
     headers: CIMultiDictProxy[str]
     raw: bytes
+    events: EventStream | None = None
 
 
 def mask(text: str, secret: str | None) -> str:
@@ -186,6 +192,28 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int, where: str) 
         if size > limit:
             raise AnswerTooLarge(f"{where}: answer over the {limit}-byte cap (decoded)")
         yield chunk
+
+
+async def _read_body(response: aiohttp.ClientResponse, where: str) -> bytes:
+    """The whole answer, within the answer cap."""
+    length = response.content_length
+    if length is not None and length <= MAX_ANSWER_BYTES and not _encoded(response):
+        return await response.read()  # the usual answer: its length known and small
+    return b"".join([chunk async for chunk in read_capped(response, MAX_ANSWER_BYTES, where)])
+
+
+async def _first_event(events: EventStream, until: Callable[[bytes], bool], where: str) -> bytes:
+    """The stream's first event ``until`` accepts; a stream that ends first gave no answer."""
+    while True:
+        data = await events.next()
+        if data is None:
+            raise TransportError(f"{where}: the event stream ended before naming its task")
+        if data and until(data):  # empty: a heartbeat
+            return data
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
 
 
 def _encoded(response: aiohttp.ClientResponse) -> bool:
@@ -257,40 +285,49 @@ class Transport:
         read_timeout: float | None = None,
         ticket: Ticket | None = None,
         url: URL | None = None,
+        until: Callable[[bytes], bool] | None = None,
     ) -> Answer:
         """One exchange with the target's origin, key attached, answer read: at most ``limit`` s.
 
         ``ticket`` (a create's rate-limit turn) is stamped once the request has a connection:
-        from then on it may reach the provider.
+        from then on it may reach the provider. With ``until``, an event-stream answer is read
+        up to the first event ``until`` accepts (within ``limit``) and handed back open.
         """
         options: dict[str, Any] = {}
         if read_timeout is not None:
             options["timeout"] = aiohttp.ClientTimeout(
                 total=None, connect=None, sock_connect=self.connect_timeout, sock_read=read_timeout
             )
+        headers = target.headers
+        if request.accept is not None:
+            headers = {**headers, "Accept": request.accept}
         started = time.monotonic()
         where = f"{target.name} {request.method} {request.path}"
         failure: TransportError | None = None
+        events: EventStream | None = None
         sending = _SENDING.set(ticket) if ticket is not None else None
         try:
             async with asyncio.timeout(max(0.0, limit)):
                 # No redirects: following one could carry the key to another origin.
-                async with self.http().request(
+                response = await self.http().request(
                     request.method,
                     url or target.url(request.path),
                     params=request.params or None,
                     data=body,
-                    headers=target.headers,
+                    headers=headers,
                     allow_redirects=False,
                     **options,
-                ) as response:
-                    length = response.content_length
-                    if length is not None and length <= MAX_ANSWER_BYTES and not _encoded(response):
-                        raw = await response.read()  # the usual answer: its length known and small
+                )
+                try:
+                    if until is not None and response.status == 200 and _is_event_stream(response):
+                        events = EventStream(response, where, idle=read_timeout or self.read_timeout)
+                        raw = await _first_event(events, until, where)
                     else:
-                        raw = b"".join(
-                            [chunk async for chunk in read_capped(response, MAX_ANSWER_BYTES, where)]
-                        )
+                        raw = await _read_body(response, where)
+                        response.release()
+                except BaseException:
+                    response.close()
+                    raise
         except TimeoutError:
             failure = TransportError(f"{where}: no complete answer within {limit:.1f} s")
         except aiohttp.ClientError as error:
@@ -306,7 +343,7 @@ class Transport:
             log.debug(
                 "%s -> %d in %.1f ms", where, response.status, (time.monotonic() - started) * 1000
             )
-        return Answer(response.status, response.headers, raw)
+        return Answer(response.status, response.headers, raw, events)
 
     @asynccontextmanager
     async def get(self, url: str, *, limit: float, accept: str) -> AsyncIterator[aiohttp.ClientResponse]:

@@ -31,6 +31,7 @@ from .batch import (
 )
 from .download import DEFAULT_MAX_BYTES
 from .errors import ConfigurationError
+from .models import TaskStatus
 from .providers import CODECS
 
 T = TypeVar("T")
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a provider parameter, repeatable (aspect_ratio=16:9, seed=7); JSON values are decoded",
     )
     generate.add_argument("-o", "--out-dir", type=Path, help="save the outputs here")
+    generate.add_argument(
+        "--stream",
+        action="store_true",
+        help="use the provider's stream mode and show its progress (nananobanana)",
+    )
 
     batch = commands.add_parser(
         "batch",
@@ -318,17 +324,29 @@ async def _generate(args: argparse.Namespace, console: Console) -> int:
     params = dict(args.param)
     for reserved in sorted((RESERVED_KEYS | {"prompt"}) & set(params)):
         raise UsageError(f"--param {reserved}=... is not a provider parameter")
+    if args.stream and not CODECS[args.provider].has_stream_mode:
+        raise UsageError(f"--stream: {args.provider} has no stream mode (nananobanana has)")
     async with _session(args) as session:
         _require_key(session, args.provider)
         client = session.client(args.provider)
-        handle = await client.submit(args.model, prompt=args.prompt, **params)
+        handle = await client.submit(args.model, prompt=args.prompt, stream=args.stream, **params)
         # The live status, one line per change (a spinner on a terminal).
         with console.status(f"{handle.provider} task {handle.task_id}: submitted") as live:
-            async for status in handle.updates():
-                line = f"{handle.provider} task {handle.task_id}: {status.value}"
+            shown: list[str] = []
+
+            def show(status: TaskStatus) -> None:
+                done = "" if handle.progress is None or status.terminal else f" {handle.progress:.0f}%"
+                line = f"{handle.provider} task {handle.task_id}: {status.value}{done}"
+                if shown[-1:] == [line]:
+                    return  # a status and its progress arrive together
+                shown.append(line)
                 live.update(line)
                 if not console.is_terminal and not status.terminal:
                     console.print(line, highlight=False)
+
+            handle.on_progress(lambda progress, message: show(handle.status))
+            async for status in handle.updates():
+                show(status)
         result = await handle
         console.print(f"{result.provider} task {result.task_id}: {result.status.value}", highlight=False)
         for url in result.urls:

@@ -27,6 +27,8 @@ class HttpRequest:
     # Out of the repr: a query or body can carry a callback URL, and with it the webhook token.
     params: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     json: Any = attrs.field(default=None, repr=False)
+    # The Accept header, where not JSON (a stream create asks for text/event-stream).
+    accept: str | None = None
 
 
 @attrs.frozen
@@ -43,6 +45,9 @@ class Snapshot:
     # The account's balance after this create, and what it cost, where the provider says.
     remaining_credits: float | None = None
     credits_used: float | None = None
+    # How far along the job is (0-100) and what it is doing, where the provider says (a stream).
+    progress: float | None = None
+    message: str | None = None
 
 
 @attrs.frozen
@@ -182,6 +187,8 @@ class Codec(abc.ABC):
     example_model: ClassVar[str]
     default_rate_limit: ClassVar[float | None] = None
     has_sync_mode: ClassVar[bool] = False
+    # A create whose answer is a stream of events until the job ends (``stream_request``).
+    has_stream_mode: ClassVar[bool] = False
     has_webhooks: ClassVar[bool] = True
     # The header carrying a hex HMAC-SHA256 of the raw callback body, where the provider signs.
     signature_header: ClassVar[str | None] = None
@@ -255,6 +262,18 @@ class Codec(abc.ABC):
                     if found:
                         return found
         return None
+
+    def stream_request(self, model: str, prompt: str, params: Mapping[str, Any]) -> HttpRequest | None:
+        """The create whose answer streams the job's events; None where the API has none."""
+        return None
+
+    def stream_event_final(self, body: Any) -> bool:
+        """Whether a stream event ends the job (its result or its failure)."""
+        return False
+
+    def read_stream_event(self, model: str, body: Any, task_id: str | None) -> Snapshot:
+        """Read one stream event; ``task_id`` is the stream's task, once an event named it."""
+        raise NotImplementedError
 
     def cancel_request(self, task_id: str) -> HttpRequest | None:
         """The call that cancels a task at the provider; None where the API has none."""

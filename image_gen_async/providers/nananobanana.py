@@ -18,6 +18,7 @@ Assumption: a poll answer without the ``data`` wrapper is read from the top leve
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -78,6 +79,7 @@ class NananobananaCodec(Codec):
     default_base_url = "https://www.nananobanana.com"
     env_var = "NANANOBANANA_API_KEY"
     has_sync_mode = True
+    has_stream_mode = True
     has_webhooks = False
     status_words: ClassVar[Mapping[str, TaskStatus]] = {
         "processing": TaskStatus.PROCESSING,
@@ -96,13 +98,60 @@ class NananobananaCodec(Codec):
     ) -> HttpRequest:
         if webhook_url:
             raise InvalidRequestError("nananobanana has no webhook mode; poll instead")
+        return self._create(model, prompt, params, "sync" if sync else "async")
+
+    def stream_request(self, model: str, prompt: str, params: Mapping[str, Any]) -> HttpRequest:
+        return self._create(model, prompt, params, "stream", accept="text/event-stream")
+
+    def _create(
+        self, model: str, prompt: str, params: Mapping[str, Any], mode: str, accept: str | None = None
+    ) -> HttpRequest:
         fields = merge_params(self.name, params, PARAM_ALIASES)
         if "mode" in fields:
             raise InvalidRequestError("nananobanana: mode is chosen by submit() and generate()")
         body = {"prompt": require_prompt(self.name, prompt), "selectedModel": model}
-        return HttpRequest(
-            "POST", "/api/v1/generate", {}, body | fields | {"mode": "sync" if sync else "async"}
+        return HttpRequest("POST", "/api/v1/generate", {}, body | fields | {"mode": mode}, accept=accept)
+
+    def stream_event_final(self, body: Any) -> bool:
+        return isinstance(body, Mapping) and body.get("type") in ("complete", "error")
+
+    def read_stream_event(self, model: str, body: Any, task_id: str | None) -> Snapshot:
+        """A status event is progress; ``complete`` has the URLs (or ``success: false``); ``error`` fails."""
+        if not isinstance(body, Mapping):
+            raise ProtocolError(f"{self.name}: a stream event is not an object", field="$")
+        named = self.task_id_of(body) or task_id
+        kind = body.get("type")
+        inner = body.get("data")
+        data: Mapping[str, Any] = inner if isinstance(inner, Mapping) else {}
+        message = _text(body.get("message"))
+        urls = data.get("imageUrls")
+        urls = [url for url in urls if isinstance(url, str)] if isinstance(urls, list) else []
+        if kind == "complete" and data.get("success") is not False and urls:
+            status = TaskStatus.COMPLETED
+        elif kind in ("complete", "error"):
+            status = TaskStatus.FAILED
+        else:
+            # "Generation started" at 0: nothing done yet, as a queued job; any progress: running.
+            progress = number(body.get("progress"))
+            status = TaskStatus.QUEUED if progress == 0 else TaskStatus.PROCESSING
+        if named is None:
+            if status is not TaskStatus.COMPLETED:
+                raise ProtocolError(f"{self.name}: a stream event names no generation", field="generationId")
+            # Finished before any event named it: the images are paid for, so they are kept,
+            # under an id made from them (it cannot be polled, and needs not be).
+            named = "stream-" + hashlib.sha256(urls[0].encode()).hexdigest()[:16]
+        error = _text(body.get("error")) or message or _text(data.get("error"))
+        snapshot = self.snapshot(
+            task_id=named,
+            model=model,
+            status=status,
+            raw=body,
+            outputs=urls_as_outputs(urls),
+            error=error,
+            credits_used=number(data.get("creditsUsed")),
+            remaining_credits=number(data.get("remainingCredits")),
         )
+        return attrs.evolve(snapshot, progress=number(body.get("progress")), message=message)
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
         answer = structure(body, Generated, provider=self.name)
