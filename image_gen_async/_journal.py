@@ -4,7 +4,8 @@ States: ``pending`` → ``creating`` (committed before the create is sent) →
 ``submitted`` (task id and estimate, committed as soon as the create answered) →
 ``downloading`` → ``done`` | ``failed`` | ``uncertain``. A rerun reads it to poll
 instead of resubmitting, and to tell a create that may have gone out (``creating``)
-from one that never did (``pending``).
+from one that never did (``pending``). A batch through a router also records each job's
+``route`` (the target and key its task went to), so a rerun polls the right provider.
 
 Durability: WAL with ``synchronous=NORMAL``, so a commit is a write into the WAL
 (about 10 µs here) that survives the process being killed at any moment; only an OS
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     estimated_duration REAL,
     files TEXT,
     error TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    route TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task_id);
 """
@@ -68,6 +70,7 @@ class JobRow:
     estimated_duration: float | None
     files: tuple[str, ...]
     error: str | None
+    route: str | None = None  # where its task went, in a batch through a router
 
 
 class Journal:
@@ -93,6 +96,7 @@ class Journal:
             if refuse_new is not None and not self._holds_batch():
                 raise ConfigurationError(refuse_new)
             self._db.executescript(_SCHEMA)
+            self._add_route_column()
             self._check_meta(provider, model)
         except BaseException:
             self._db.close()
@@ -110,6 +114,12 @@ class Journal:
         if "meta" not in tables:
             return False
         return self._db.execute("SELECT 1 FROM meta WHERE key = 'provider'").fetchone() is not None
+
+    def _add_route_column(self) -> None:
+        """Journals written before routers have no ``route``: added (empty), nothing else changes."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "route" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN route TEXT")
 
     def _check_meta(self, provider: str, model: str) -> None:
         """Bind the journal to one provider and model; a rerun with others is refused."""
@@ -146,19 +156,24 @@ class Journal:
     def get(self, line: int) -> JobRow | None:
         """The row of job ``line``, or None if it was never started."""
         row = self._db.execute(
-            "SELECT line, spec_hash, state, task_id, estimated_duration, files, error "
+            "SELECT line, spec_hash, state, task_id, estimated_duration, files, error, route "
             "FROM jobs WHERE line = ?",
             (line,),
         ).fetchone()
         if row is None:
             return None
-        line_, spec_hash, state, task_id, estimate, files, error = row
-        return JobRow(line_, spec_hash, state, task_id, estimate, tuple(json.loads(files or "[]")), error)
+        line_, spec_hash, state, task_id, estimate, files, error, route = row
+        files_ = tuple(json.loads(files or "[]"))
+        return JobRow(line_, spec_hash, state, task_id, estimate, files_, error, route)
 
-    def line_with_task(self, task_id: str, other_than: int) -> int | None:
-        """The job (not ``other_than``) that already holds ``task_id``, if any."""
+    def line_with_task(self, task_id: str, other_than: int, route: str | None = None) -> int | None:
+        """The job (not ``other_than``) that already holds ``task_id`` on ``route``, if any.
+
+        (Two providers may each name a task ``1``; one provider naming two creates so may not.)
+        """
         row = self._db.execute(
-            "SELECT line FROM jobs WHERE task_id = ? AND line != ? LIMIT 1", (task_id, other_than)
+            "SELECT line FROM jobs WHERE task_id = ? AND line != ? AND COALESCE(route, '') = ? LIMIT 1",
+            (task_id, other_than, route or ""),
         ).fetchone()
         return None if row is None else int(row[0])
 
@@ -179,7 +194,7 @@ class Journal:
         self._db.execute(
             "INSERT INTO jobs (line, spec_hash, state, updated) VALUES (?, ?, 'pending', ?) "
             "ON CONFLICT (line) DO UPDATE SET state = 'pending', task_id = NULL, "
-            "estimated_duration = NULL, files = NULL, error = NULL, updated = excluded.updated",
+            "estimated_duration = NULL, files = NULL, error = NULL, route = NULL, updated = excluded.updated",
             (line, spec_hash, time.time()),
         )
 
@@ -206,12 +221,15 @@ class Journal:
         if self._wal is not None:
             os.fsync(self._wal)
 
-    def submitted(self, line: int, task_id: str, estimated_duration: float | None) -> None:
-        """The provider accepted job ``line`` as ``task_id``: from now on it is polled, never resent."""
+    def submitted(
+        self, line: int, task_id: str, estimated_duration: float | None, route: str | None = None
+    ) -> None:
+        """The provider accepted job ``line`` as ``task_id`` (on ``route``): from now on it is
+        polled, never resent."""
         self._db.execute(
             "UPDATE jobs SET state = 'submitted', task_id = ?, estimated_duration = ?, error = NULL, "
-            "updated = ? WHERE line = ?",
-            (task_id, estimated_duration, time.time(), line),
+            "route = COALESCE(?, route), updated = ? WHERE line = ?",
+            (task_id, estimated_duration, route, time.time(), line),
         )
 
     def downloading(self, line: int) -> None:

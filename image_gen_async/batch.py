@@ -26,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import attrs
 
@@ -281,6 +281,8 @@ class _Job:
     estimated_duration: float | None = None
     # Create anew when the task to poll turns out failed or unknown (--retry-failed).
     create_if_lost: bool = False
+    # Where the task went, in a batch through a router.
+    route: str | None = None
 
 
 def spec_hash(spec: JobSpec | InvalidSpec) -> str:
@@ -640,13 +642,68 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+class _Destination(Protocol):
+    """Where a batch's jobs go: one client and model, or a router over several targets."""
+
+    @property
+    def name(self) -> str:
+        """How log lines and results name it."""
+
+    @property
+    def stopped(self) -> bool:
+        """No create can be made until someone acts (the key's circuit, or every target's, is open)."""
+
+    async def submit(
+        self, *, prompt: str, timeout: float | None, before_create: Callable[[], object], **params: Any
+    ) -> TaskHandle:
+        """Create the job's task."""
+
+    def resume(
+        self, task_id: str, route: str | None, *, estimated_duration: float | None, timeout: float | None
+    ) -> TaskHandle:
+        """Follow a task an earlier run created (on ``route``, for a router)."""
+
+    def route_of(self, handle: TaskHandle) -> str | None:
+        """What the journal records of where ``handle``'s task went (None for one client)."""
+
+
+@attrs.frozen
+class _OneClient:
+    """A batch on one client and model."""
+
+    client: ProviderClient
+    model: str
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    @property
+    def stopped(self) -> bool:
+        return self.client.blocked is not None
+
+    async def submit(
+        self, *, prompt: str, timeout: float | None, before_create: Callable[[], object], **params: Any
+    ) -> TaskHandle:
+        return await self.client.submit(
+            self.model, prompt=prompt, timeout=timeout, before_create=before_create, **params
+        )
+
+    def resume(
+        self, task_id: str, route: str | None, *, estimated_duration: float | None, timeout: float | None
+    ) -> TaskHandle:
+        return self.client.resume(task_id, self.model, estimated_duration=estimated_duration, timeout=timeout)
+
+    def route_of(self, handle: TaskHandle) -> str | None:
+        return None
+
+
 @attrs.define(eq=False)
 class _Batch:
     """One run of a batch: the loop that feeds jobs and what each job does."""
 
     session: AsyncSession
-    client: ProviderClient
-    model: str
+    dest: _Destination
     out_dir: Path
     journal: Journal
     results: _ResultsFile
@@ -731,7 +788,7 @@ class _Batch:
         # submitted/downloading: poll; failed or uncertain being retried: poll a known task
         # first and create only if it is gone; creating being resubmitted: create.
         retrying = row.state in ("failed", "uncertain", "creating")
-        return _Job(line, digest, prompt, params, row.task_id, row.estimated_duration, retrying)
+        return _Job(line, digest, prompt, params, row.task_id, row.estimated_duration, retrying, row.route)
 
     def _skip(self, row: JobRow) -> bool:
         """True (and counted) for a job finished in an earlier run that stays as it is."""
@@ -784,7 +841,7 @@ class _Batch:
             return
         except ImageGenError as error:
             account = isinstance(error, _ACCOUNT_STOPS)
-            if submit_outcome(error) == "stop" and (not account or self.client.blocked is not None):
+            if submit_outcome(error) == "stop" and (not account or self.dest.stopped):
                 # The session closed or the account is refused while a task was followed.
                 self.gate.stop(_describe(error), finish_running=account)
             if not isinstance(error, TaskFailedError) and self._polling(job.line):
@@ -825,9 +882,9 @@ class _Batch:
         """The task's result: polled when the task exists, else created (journaled around it)."""
         if job.task_id is not None:
             self.stats.resumed += 1
-            handle = self.client.resume(
+            handle = self.dest.resume(
                 job.task_id,
-                self.model,
+                job.route,
                 estimated_duration=job.estimated_duration,
                 timeout=self.options.timeout,
             )
@@ -883,8 +940,7 @@ class _Batch:
                 self.gate.stop(f"the journal could not be written: {_describe(error)}")
                 raise _Held from error
             try:
-                handle = await self.client.submit(
-                    self.model,
+                handle = await self.dest.submit(
                     prompt=job.prompt,
                     timeout=self.options.timeout,
                     before_create=lambda: self._creating(job.line),
@@ -892,7 +948,7 @@ class _Batch:
                 )
             except Exception as error:
                 outcome = submit_outcome(error)
-                if outcome == "stop" and isinstance(error, _ACCOUNT_STOPS) and self.client.blocked is None:
+                if outcome == "stop" and isinstance(error, _ACCOUNT_STOPS) and not self.dest.stopped:
                     outcome = "failed"  # a refusal of this job (one model's plan), not of the account
                 if budget is not None:
                     # An uncertain create may have been charged: keep its reservation as spent.
@@ -919,15 +975,15 @@ class _Batch:
         The task is paid for from here on, so it is never left unnamed: a commit that fails
         (disk full) logs it as an ERROR and writes it to results.jsonl as best it can.
         """
-        task_id = handle.task_id
+        task_id, route = handle.task_id, self.dest.route_of(handle)
         try:
-            other = self.journal.line_with_task(task_id, job.line)
+            other = self.journal.line_with_task(task_id, job.line, route)
             if other is None:
-                self.journal.submitted(job.line, task_id, handle.estimated_duration)
+                self.journal.submitted(job.line, task_id, handle.estimated_duration, route)
                 return
         except JOURNAL_FAILURES as error:
             handle.cancel()
-            self._orphaned(job, task_id, error)
+            self._orphaned(job, handle, error)
             raise _Settled from error
         # Two creates answered with one id: one task cannot be both jobs' result, and this
         # create may have made a task of its own under an id nobody told us. Never polled.
@@ -936,7 +992,7 @@ class _Batch:
             "batch jobs %d and %d were both answered with %s task %s: job %d is recorded uncertain",
             other,
             job.line,
-            self.client.name,
+            handle.provider,
             task_id,
             job.line,
         )
@@ -950,25 +1006,26 @@ class _Batch:
         )
         raise _Settled
 
-    def _orphaned(self, job: _Job, task_id: str, error: BaseException) -> None:
+    def _orphaned(self, job: _Job, handle: TaskHandle, error: BaseException) -> None:
         """A paid task the journal could not record: named in the log and results.jsonl, then stop."""
+        task_id = handle.task_id
         log.error(
             "batch job %d: %s %s accepted the create as task %s, but the journal could not record it "
             "(%s); the task is paid for: client.resume(%r, %r) picks it up",
             job.line,
-            self.client.name,
-            self.model,
+            handle.provider,
+            handle.model,
             task_id,
             _describe(error),
             task_id,
-            self.model,
+            handle.model,
         )
         record = self._record(
             job.line,
             "uncertain",
             job.prompt,
             task_id=task_id,
-            error=f"accepted as {self.client.name} task {task_id}, but the journal could not record it: "
+            error=f"accepted as {handle.provider} task {task_id}, but the journal could not record it: "
             f"{_describe(error)}",
         )
         try:
@@ -1137,9 +1194,8 @@ async def run_batch(
     with _opened(directory, None if journal is None else Path(journal), client.name, model) as (db, results):
         options = _Options(download, retry_failed, resubmit_uncertain, max_bytes, timeout)
         gate = _Gate(pauses or PauseSettings(), stats, lambda: on_progress(stats) if on_progress else None)
-        batch = _Batch(
-            session, client, model, directory, db, results, stats, options, on_progress, gate, budget
-        )
+        where = _OneClient(client, model)
+        batch = _Batch(session, where, directory, db, results, stats, options, on_progress, gate, budget)
         try:
             await batch.feed(jobs, concurrency)
         finally:
