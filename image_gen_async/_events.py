@@ -9,6 +9,7 @@ decoder caps every line and event, and the stream bounds the wait for each one.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import aiohttp
 
@@ -21,6 +22,8 @@ MAX_LINE_BYTES = MAX_EVENT_BYTES
 CHUNK = 16 * 1024
 # What ``next()`` returns for a comment (a heartbeat): the stream is alive, nothing to read.
 HEARTBEAT = b""
+# The format lets a stream begin with one byte order mark, which is not part of its first line.
+BOM = b"\xef\xbb\xbf"
 
 
 class EventTooLarge(TransportError):
@@ -33,20 +36,26 @@ class EventTooLarge(TransportError):
 class SseDecoder:
     """Bytes in, events out (each event's ``data`` lines joined, or ``HEARTBEAT`` for a comment).
 
-    Follows the event-stream format: lines end with LF, CR LF or CR; ``data:`` lines
-    accumulate until a blank line; ``event:``, ``id:`` and ``retry:`` fields are ignored
-    (the JSON carries the type).
+    Follows the event-stream format: one leading byte order mark is dropped; lines end
+    with LF, CR LF or CR; ``data:`` lines accumulate until a blank line; ``event:``, ``id:``
+    and ``retry:`` fields are ignored (the JSON carries the type). Heartbeats in a row are
+    one: a flood of comments costs one turn of the reader per chunk, not one per comment.
     """
 
-    __slots__ = ("_data", "_line", "_pending_cr")
+    __slots__ = ("_data", "_data_bytes", "_head", "_line", "_pending_cr")
 
     def __init__(self) -> None:
         self._line = bytearray()
         self._data: list[bytes] | None = None
+        # The joined event's size so far (newlines included): empty ``data:`` lines add up too.
+        self._data_bytes = 0
         self._pending_cr = False
+        self._head: bytearray | None = bytearray()  # the stream's first bytes, until a BOM is ruled in or out
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events completed by ``chunk``; ``EventTooLarge`` once a line or event is over its cap."""
+        if self._head is not None:
+            chunk = self._strip_bom(chunk)
         events: list[bytes] = []
         start = 0
         if self._pending_cr and chunk[:1] == b"\n":
@@ -69,9 +78,19 @@ class SseDecoder:
             start = cut + 1
             event = self._take_line(bytes(self._line))
             self._line.clear()
-            if event is not None:
+            if event is not None and not (event == HEARTBEAT and events[-1:] == [HEARTBEAT]):
                 events.append(event)
         return events
+
+    def _strip_bom(self, chunk: bytes) -> bytes:
+        """The chunk without the stream's leading BOM (which may itself arrive split)."""
+        assert self._head is not None
+        head = bytes(self._head) + chunk
+        if len(head) < len(BOM) and BOM.startswith(head):
+            self._head = bytearray(head)
+            return b""
+        self._head = None  # decided: from here on, bytes pass as they come
+        return head[len(BOM) :] if head.startswith(BOM) else head
 
     def _check_line(self) -> None:
         if len(self._line) > MAX_LINE_BYTES:
@@ -79,7 +98,7 @@ class SseDecoder:
 
     def _take_line(self, line: bytes) -> bytes | None:
         if not line:
-            data, self._data = self._data, None
+            data, self._data, self._data_bytes = self._data, None, 0
             return b"\n".join(data) if data is not None else None
         if line.startswith(b":"):
             return HEARTBEAT if self._data is None else None
@@ -89,8 +108,11 @@ class SseDecoder:
                 value = value[1:]
             if self._data is None:
                 self._data = []
+            else:
+                self._data_bytes += 1  # the newline that joins it to the line before
             self._data.append(value)
-            if sum(len(part) for part in self._data) > MAX_EVENT_BYTES:
+            self._data_bytes += len(value)
+            if self._data_bytes > MAX_EVENT_BYTES:
                 raise EventTooLarge(f"event stream: an event over {MAX_EVENT_BYTES} bytes")
         return None
 
@@ -118,7 +140,7 @@ class EventStream:
         self.where = where
         self.idle = idle
         self._decoder = SseDecoder()
-        self._ready: list[bytes] = []
+        self._ready: deque[bytes] = deque()
         self._done = False
 
     async def next(self) -> bytes | None:
@@ -147,7 +169,7 @@ class EventStream:
         except TransportError:
             self.close()
             raise
-        return self._ready.pop(0)
+        return self._ready.popleft()
 
     def close(self) -> None:
         """Let go of the connection; idempotent."""

@@ -171,6 +171,20 @@ def failure_error(target: Target, result: TaskResult) -> TaskFailedError:
     return ContentPolicyError(result) if target.codec.content_policy(result) else TaskFailedError(result)
 
 
+def stream_step(
+    status: TaskStatus, progress: float | None, event: Snapshot
+) -> tuple[TaskStatus, float | None]:
+    """What a stream event moves on: its status and progress, never backwards.
+
+    A second "Generation started" (progress 0) must not send a running job back to queued,
+    and a progress bar that fell would only confuse: such parts of an event change nothing
+    (the progress returned is None).
+    """
+    back_to_queued = event.status is TaskStatus.QUEUED and status is not TaskStatus.QUEUED
+    rising = event.progress is not None and (progress is None or event.progress > progress)
+    return (status if back_to_queued else event.status), (event.progress if rising else None)
+
+
 class Follower:
     """Polls one accepted task until it ends, fails or passes its deadline; resolves its handle."""
 
@@ -402,8 +416,9 @@ class Follower:
                         snapshot = self._read_event(data) if data else None  # empty: a heartbeat
                         if snapshot is None:
                             continue
-                        handle.observe(snapshot.status)
-                        handle.report_progress(snapshot.progress, snapshot.message)
+                        status, progress = stream_step(handle.status, handle.progress, snapshot)
+                        handle.observe(status)
+                        handle.report_progress(progress, snapshot.message)
                         if snapshot.result is not None:
                             age = self._loop.time() - self.accepted
                             took = (age, age) if self._learn else None

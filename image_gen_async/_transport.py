@@ -232,6 +232,9 @@ class Transport:
         self._http: aiohttp.ClientSession | None = None
         # Downloads have a pool of their own: slow storage hosts must not starve the API.
         self._files: aiohttp.ClientSession | None = None
+        # So do event streams: each holds its connection for the whole job, and pool_size of
+        # them must not leave the polls and creates of every other job without one.
+        self._streams: aiohttp.ClientSession | None = None
         self.closed = False
 
     def http(self) -> aiohttp.ClientSession:
@@ -264,12 +267,25 @@ class Transport:
             )
         return self._files
 
+    def streams(self) -> aiohttp.ClientSession:
+        """The session stream creates use: the API's headers and stamping, a pool of their own."""
+        self.http()  # SessionClosedError once closed
+        if self._streams is None:
+            self._streams = aiohttp.ClientSession(
+                connector=_StampingConnector(limit=self._pool_size, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+                ),
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+            )
+        return self._streams
+
     async def close(self) -> None:
         self.closed = True
-        for http in (self._http, self._files):
+        for http in (self._http, self._files, self._streams):
             if http is not None:
                 await http.close()
-        self._http = self._files = None
+        self._http = self._files = self._streams = None
 
     def exchange_limit(self, read_timeout: float | None = None) -> float:
         """The default total time of one exchange: connecting, then reading the answer."""
@@ -290,8 +306,9 @@ class Transport:
         """One exchange with the target's origin, key attached, answer read: at most ``limit`` s.
 
         ``ticket`` (a create's rate-limit turn) is stamped once the request has a connection:
-        from then on it may reach the provider. With ``until``, an event-stream answer is read
-        up to the first event ``until`` accepts (within ``limit``) and handed back open.
+        from then on it may reach the provider. With ``until`` (a stream create, sent from the
+        streams' own pool), an event-stream answer is read up to the first event ``until``
+        accepts (within ``limit``) and handed back open.
         """
         options: dict[str, Any] = {}
         if read_timeout is not None:
@@ -309,7 +326,8 @@ class Transport:
         try:
             async with asyncio.timeout(max(0.0, limit)):
                 # No redirects: following one could carry the key to another origin.
-                response = await self.http().request(
+                http = self.http() if until is None else self.streams()
+                response = await http.request(
                     request.method,
                     url or target.url(request.path),
                     params=request.params or None,

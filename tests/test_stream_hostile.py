@@ -23,6 +23,8 @@ from image_gen_async import (
     TaskTimeoutError,
 )
 from image_gen_async._events import HEARTBEAT, MAX_EVENT_BYTES, EventTooLarge, SseDecoder
+from image_gen_async._follow import stream_step
+from image_gen_async.providers import Snapshot
 
 from .conftest import FAST_POLLING, KEYS, MODELS
 
@@ -238,7 +240,13 @@ async def test_cr_line_endings_event_lines_and_ids_in_data_only(hostile_session:
     chunks = [
         cr({"type": "status", "progress": 0, "data": {"generationId": TASK}}),
         cr({"type": "status", "progress": 50, "data": {"generationId": TASK}}),
-        cr({"type": "complete", "progress": 100, "data": {"generationId": TASK, "success": True, "imageUrls": [URL]}}),
+        cr(
+            {
+                "type": "complete",
+                "progress": 100,
+                "data": {"generationId": TASK, "success": True, "imageUrls": [URL]},
+            }
+        ),
     ]
     server = Hostile(streaming(chunks))
     session = await hostile_session(server)
@@ -329,7 +337,8 @@ async def test_progress_stays_a_rising_number_from_0_to_100(
     assert reported[: len(seen)] == seen
     assert all(0 <= value <= 100 for value in reported)
     assert handle.progress is not None and 0 <= handle.progress <= 100
-    assert TaskStatus.QUEUED not in statuses[statuses.index(TaskStatus.PROCESSING) :] if statuses else True
+    running = statuses[statuses.index(TaskStatus.PROCESSING) :] if TaskStatus.PROCESSING in statuses else []
+    assert TaskStatus.QUEUED not in running
 
 
 async def test_a_second_generation_started_does_not_send_the_status_back_to_queued(
@@ -444,7 +453,9 @@ async def test_many_cancelled_streaming_handles_give_their_connections_back(host
         n = server.creates
         if n <= jobs:
             return await server.stream(request, [status(0, f"gen-{n}")], hold=True, heartbeat=0.02)
-        return await server.stream(request, [status(0, f"gen-{n}"), COMPLETE.replace(b"gen-1", f"gen-{n}".encode())])
+        return await server.stream(
+            request, [status(0, f"gen-{n}"), COMPLETE.replace(b"gen-1", f"gen-{n}".encode())]
+        )
 
     server = Hostile(create)
     session = await hostile_session(server, pool_size=jobs)
@@ -453,7 +464,10 @@ async def test_many_cancelled_streaming_handles_give_their_connections_back(host
         handle.cancel()
     # Every connection in the pool is free again: as many new streams run side by side.
     results = await asyncio.wait_for(
-        asyncio.gather(*(session.nananobanana.generate(MODEL, prompt="hen", stream=True) for _ in range(jobs))), 5
+        asyncio.gather(
+            *(session.nananobanana.generate(MODEL, prompt="hen", stream=True) for _ in range(jobs))
+        ),
+        5,
     )
     assert all(result.ok for result in results) and server.creates == 2 * jobs
     await asyncio.wait_for(server.wait_hang_ups(jobs), 5)
@@ -480,3 +494,29 @@ async def test_streams_holding_the_whole_pool_do_not_starve_a_polled_job(hostile
         server.release.set()
         for handle in streams:
             handle.cancel()
+
+
+def _event(status: TaskStatus, progress: float | None) -> Snapshot:
+    return Snapshot(task_id=TASK, status=status, progress=progress)
+
+
+@pytest.mark.parametrize(
+    ("now", "progress", "event_status", "event_progress", "expected"),
+    [
+        (TaskStatus.QUEUED, None, TaskStatus.QUEUED, 0.0, (TaskStatus.QUEUED, 0.0)),
+        (TaskStatus.QUEUED, 0.0, TaskStatus.PROCESSING, 30.0, (TaskStatus.PROCESSING, 30.0)),
+        (TaskStatus.PROCESSING, 30.0, TaskStatus.QUEUED, 0.0, (TaskStatus.PROCESSING, None)),
+        (TaskStatus.PROCESSING, 60.0, TaskStatus.PROCESSING, 30.0, (TaskStatus.PROCESSING, None)),
+        (TaskStatus.PROCESSING, 60.0, TaskStatus.PROCESSING, None, (TaskStatus.PROCESSING, None)),
+        (TaskStatus.PROCESSING, 60.0, TaskStatus.FAILED, 10.0, (TaskStatus.FAILED, None)),
+        (TaskStatus.PROCESSING, 60.0, TaskStatus.COMPLETED, 100.0, (TaskStatus.COMPLETED, 100.0)),
+    ],
+)
+def test_a_stream_step_never_goes_backwards(
+    now: TaskStatus,
+    progress: float | None,
+    event_status: TaskStatus,
+    event_progress: float | None,
+    expected: tuple[TaskStatus, float | None],
+) -> None:
+    assert stream_step(now, progress, _event(event_status, event_progress)) == expected

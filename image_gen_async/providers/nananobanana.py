@@ -113,27 +113,17 @@ class NananobananaCodec(Codec):
         return HttpRequest("POST", "/api/v1/generate", {}, body | fields | {"mode": mode}, accept=accept)
 
     def stream_event_final(self, body: Any) -> bool:
-        return isinstance(body, Mapping) and body.get("type") in ("complete", "error")
+        return isinstance(body, Mapping) and _stream_status(body) in (TaskStatus.COMPLETED, TaskStatus.FAILED)
 
     def read_stream_event(self, model: str, body: Any, task_id: str | None) -> Snapshot:
         """A status event is progress; ``complete`` has the URLs (or ``success: false``); ``error`` fails."""
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{self.name}: a stream event is not an object", field="$")
         named = self.task_id_of(body) or task_id
-        kind = body.get("type")
-        inner = body.get("data")
-        data: Mapping[str, Any] = inner if isinstance(inner, Mapping) else {}
+        data = _stream_data(body)
         message = _text(body.get("message"))
-        urls = data.get("imageUrls")
-        urls = [url for url in urls if isinstance(url, str)] if isinstance(urls, list) else []
-        if kind == "complete" and data.get("success") is not False and urls:
-            status = TaskStatus.COMPLETED
-        elif kind in ("complete", "error"):
-            status = TaskStatus.FAILED
-        else:
-            # "Generation started" at 0: nothing done yet, as a queued job; any progress: running.
-            progress = number(body.get("progress"))
-            status = TaskStatus.QUEUED if progress == 0 else TaskStatus.PROCESSING
+        urls = _stream_urls(data)
+        status = _stream_status(body)
         if named is None:
             if status is not TaskStatus.COMPLETED:
                 raise ProtocolError(f"{self.name}: a stream event names no generation", field="generationId")
@@ -151,7 +141,7 @@ class NananobananaCodec(Codec):
             credits_used=number(data.get("creditsUsed")),
             remaining_credits=number(data.get("remainingCredits")),
         )
-        return attrs.evolve(snapshot, progress=number(body.get("progress")), message=message)
+        return attrs.evolve(snapshot, progress=_percent(body.get("progress")), message=message)
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
         answer = structure(body, Generated, provider=self.name)
@@ -252,3 +242,33 @@ def _text(value: Any) -> str | None:
 
 def _flag(value: Any) -> bool | None:
     return value if isinstance(value, bool) else None
+
+
+def _stream_data(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    inner = body.get("data")
+    return inner if isinstance(inner, Mapping) else {}
+
+
+def _stream_urls(data: Mapping[str, Any]) -> list[str]:
+    urls = data.get("imageUrls")
+    return [url for url in urls if isinstance(url, str)] if isinstance(urls, list) else []
+
+
+def _stream_status(body: Mapping[str, Any]) -> TaskStatus:
+    """What a stream event says of its job. ``error`` or ``success: false`` fails it; ``complete``
+    with URLs completes it. A ``complete`` without usable URLs ends nothing: the job is paid for
+    and the poll, once the stream ends, has its URLs (failing it would lose them)."""
+    kind = body.get("type")
+    data = _stream_data(body)
+    if kind == "error" or (kind == "complete" and data.get("success") is False):
+        return TaskStatus.FAILED
+    if kind == "complete" and _stream_urls(data):
+        return TaskStatus.COMPLETED
+    # "Generation started" at 0: nothing done yet, as a queued job; any progress: running.
+    return TaskStatus.QUEUED if _percent(body.get("progress")) == 0 else TaskStatus.PROCESSING
+
+
+def _percent(value: Any) -> float | None:
+    """Progress as a number from 0 to 100 (a value outside is held at the nearer end); else None."""
+    parsed = number(value)
+    return None if parsed is None else min(100.0, max(0.0, parsed))
