@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from image_gen_async import (
+    AdmissionTimeoutError,
     AsyncSession,
     SubmitUncertainError,
     TaskFailedError,
@@ -520,3 +521,86 @@ def test_a_stream_step_never_goes_backwards(
     expected: tuple[TaskStatus, float | None],
 ) -> None:
     assert stream_step(now, progress, _event(event_status, event_progress)) == expected
+
+
+# The documented shape: PROVIDERS.md's events carry no generationId at all.
+
+BARE_STARTED = event(type="status", message="Generation started", progress=0)
+BARE_RUNNING = event(type="status", message="Generating image", progress=30)
+BARE_COMPLETE = event(type="complete", progress=100, data={"success": True, "imageUrls": [URL]})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a create is accepted only at an event that names its task or ends the job: without ids, "
+    "every status event is read inside the create's exchange and none reaches on_progress",
+)
+async def test_a_stream_in_the_documented_shape_reports_its_progress(hostile_session: Maker) -> None:
+    server = Hostile(streaming([BARE_STARTED, BARE_RUNNING, BARE_COMPLETE]))
+    session = await hostile_session(server)
+    seen: list[float] = []
+    result = await session.nananobanana.generate(
+        MODEL, prompt="a fox", stream=True, on_progress=lambda done, _: seen.append(done)
+    )
+    assert list(result.urls) == [URL] and server.creates == 1
+    assert seen == [0, 30, 100]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="without ids the whole job must fit in the create's exchange (connect + read timeout): "
+    "a longer one is a SubmitUncertainError although it is paid for and its images come",
+)
+async def test_a_documented_stream_longer_than_the_exchange_limit_keeps_its_images(
+    hostile_session: Maker,
+) -> None:
+    async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
+        # The job's own length (the server's behaviour): heartbeats for about 0.8 s, then done.
+        chunks = [BARE_STARTED, *([HEARTBEAT_LINE] * 40)]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0.02)
+        await response.write(BARE_COMPLETE)
+        return response
+
+    server = Hostile(create)
+    session = await hostile_session(server, read_timeout=0.3, connect_timeout=0.2)
+    result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
+    assert list(result.urls) == [URL] and server.creates == 1
+
+
+async def test_an_error_before_any_id_is_uncertain_and_says_why(hostile_session: Maker) -> None:
+    busy = event(type="error", message="Server is busy, too many concurrent tasks. Please retry later.")
+    server = Hostile(streaming([busy]))
+    session = await hostile_session(server)
+    with pytest.raises(SubmitUncertainError) as raised:
+        await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
+    assert server.creates == 1
+    assert "Server is busy" in str(raised.value)  # the server's reason, not only ours
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a create's wait for a pooled connection is bounded by its exchange limit, not the job's "
+    "deadline: with pool_size streams open, one more waits up to connect + read timeout",
+)
+async def test_a_stream_create_waiting_for_a_connection_keeps_its_deadline(hostile_session: Maker) -> None:
+    async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
+        return await server.stream(request, [status(0, f"gen-{server.creates}")], hold=True, heartbeat=0.02)
+
+    server = Hostile(create)
+    session = await hostile_session(server, pool_size=1)
+    held = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
+    try:
+        waiting = asyncio.create_task(
+            session.nananobanana.submit(MODEL, prompt="a hen", stream=True, timeout=0.5)
+        )
+        done, _ = await asyncio.wait({waiting}, timeout=3)
+        waiting.cancel()
+        assert waiting in done  # given up at its deadline: nothing was sent, so that is safe
+        assert isinstance(waiting.exception(), AdmissionTimeoutError)
+        assert server.creates == 1
+    finally:
+        held.cancel()

@@ -124,13 +124,17 @@ class NananobananaCodec(Codec):
         message = _text(body.get("message"))
         urls = _stream_urls(data)
         status = _stream_status(body)
+        error = _text(body.get("error")) or message or _text(data.get("error"))
         if named is None:
             if status is not TaskStatus.COMPLETED:
-                raise ProtocolError(f"{self.name}: a stream event names no generation", field="generationId")
+                # The server's own words go along: "Server is busy" says more than our "no id".
+                said = f" (it said: {error})" if status is TaskStatus.FAILED and error else ""
+                raise ProtocolError(
+                    f"{self.name}: a stream event names no generation{said}", field="generationId"
+                )
             # Finished before any event named it: the images are paid for, so they are kept,
             # under an id made from them (it cannot be polled, and needs not be).
             named = "stream-" + hashlib.sha256(urls[0].encode()).hexdigest()[:16]
-        error = _text(body.get("error")) or message or _text(data.get("error"))
         snapshot = self.snapshot(
             task_id=named,
             model=model,
