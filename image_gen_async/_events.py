@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 import aiohttp
 
@@ -130,15 +131,23 @@ class EventStream:
 
     Each wait for an event (a heartbeat counts) is bounded by ``idle`` seconds: a stream
     that trickles bytes but completes nothing is as good as dropped. ``close()`` lets go
-    of the connection (the task at the provider keeps running).
+    of the connection (the task at the provider keeps running); ``forget(stream)`` is called
+    then, so an owner that tracks its open streams lets go of it too.
     """
 
-    __slots__ = ("_decoder", "_done", "_ready", "_response", "idle", "where")
+    __slots__ = ("_decoder", "_done", "_forget", "_ready", "_response", "idle", "where")
 
-    def __init__(self, response: aiohttp.ClientResponse, where: str, idle: float) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        where: str,
+        idle: float,
+        forget: Callable[[EventStream], object] | None = None,
+    ) -> None:
         self._response = response
         self.where = where
         self.idle = idle
+        self._forget = forget
         self._decoder = SseDecoder()
         self._ready: deque[bytes] = deque()
         self._done = False
@@ -163,7 +172,8 @@ class EventStream:
         except TimeoutError:
             self.close()
             raise TransportError(f"{self.where}: no event within {self.idle:.1f} s") from None
-        except aiohttp.ClientError as error:
+        except (aiohttp.ClientError, RuntimeError) as error:
+            # aiohttp raises RuntimeError("Connection closed.") to a read after its connection went.
             self.close()
             raise TransportError(f"{self.where}: the event stream broke ({type(error).__name__})") from None
         except TransportError:
@@ -174,4 +184,16 @@ class EventStream:
     def close(self) -> None:
         """Let go of the connection; idempotent."""
         self._done = True
+        forget, self._forget = self._forget, None
+        if forget is not None:
+            forget(self)
         self._response.close()
+
+    def abort(self, why: str) -> None:
+        """Close, waking a reader that waits for the next bytes with a ``TransportError``.
+
+        Closing the connection alone may not wake it: aiohttp can leave a pending read of a
+        response whose connection its pool closed waiting for bytes that never come.
+        """
+        self._response.content.set_exception(aiohttp.ClientConnectionError(why))
+        self.close()

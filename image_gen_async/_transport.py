@@ -235,6 +235,8 @@ class Transport:
         # So do event streams: each holds its connection for the whole job, and pool_size of
         # them must not leave the polls and creates of every other job without one.
         self._streams: aiohttp.ClientSession | None = None
+        # The open event streams, each woken and closed when the session closes.
+        self._open: set[EventStream] = set()
         self.closed = False
 
     def http(self) -> aiohttp.ClientSession:
@@ -282,6 +284,8 @@ class Transport:
 
     async def close(self) -> None:
         self.closed = True
+        for stream in list(self._open):
+            stream.abort("the session closed")
         for http in (self._http, self._files, self._streams):
             if http is not None:
                 await http.close()
@@ -338,12 +342,18 @@ class Transport:
                 )
                 try:
                     if until is not None and response.status == 200 and _is_event_stream(response):
-                        events = EventStream(response, where, idle=read_timeout or self.read_timeout)
+                        idle = read_timeout or self.read_timeout
+                        events = EventStream(response, where, idle, forget=self._open.discard)
+                        self._open.add(events)
+                        if self.closed:  # closed while its headers came: close() could not see it
+                            events.abort("the session closed")
                         raw = await _first_event(events, until, where)
                     else:
                         raw = await _read_body(response, where)
                         response.release()
                 except BaseException:
+                    if events is not None:
+                        events.close()
                     response.close()
                     raise
         except TimeoutError:
