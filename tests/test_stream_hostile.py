@@ -611,3 +611,19 @@ async def test_a_stream_create_waiting_for_a_connection_keeps_its_deadline(hosti
         assert server.creates == 1
     finally:
         held.cancel()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "events"),
+    [
+        ([b"\xef\xbb\xbfdata: a\n\n"], [b"a"]),
+        ([b"\xef", b"\xbb", b"\xbfdata: a\n\n"], [b"a"]),  # the mark itself split across reads
+        ([b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\ndata: b\n\n"], [b"b"]),  # only one is dropped
+        ([b"data: a\n\n\xef\xbb\xbfdata: b\n\n"], [b"a"]),  # not at the start: part of the line
+        ([b"\xef", b"data: a\n\n"], []),  # a start that is not the mark stays (no such field)
+        ([b"data:\ndata:\n\n"], [b"\n"]),
+    ],
+)
+def test_the_event_decoder_and_the_byte_order_mark(chunks: list[bytes], events: list[bytes]) -> None:
+    decoder = SseDecoder()
+    assert [data for chunk in chunks for data in decoder.feed(chunk)] == events
