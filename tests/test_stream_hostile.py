@@ -190,6 +190,18 @@ async def test_a_stream_create_answered_with_async_json_is_polled(hostile_sessio
     assert server.creates == 1 and server.polls >= 1
 
 
+async def test_a_stream_create_answered_in_the_sync_shape_keeps_its_images(hostile_session: Maker) -> None:
+    async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"success": True, "generationId": TASK, "imageUrls": [URL], "creditsUsed": 1}
+        )
+
+    server = Hostile(create)
+    session = await hostile_session(server)
+    result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
+    assert list(result.urls) == [URL] and server.creates == 1 and server.polls == 0
+
+
 async def test_a_stream_create_answered_200_html_is_uncertain_and_not_resent(hostile_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         return web.Response(text="<html>welcome</html>", content_type="text/html")
