@@ -20,7 +20,6 @@ from .errors import TransportError
 MAX_EVENT_BYTES = 256 * 1024
 # A line longer than this is not an event stream's.
 MAX_LINE_BYTES = MAX_EVENT_BYTES
-CHUNK = 16 * 1024
 # What ``next()`` returns for a comment (a heartbeat): the stream is alive, nothing to read.
 HEARTBEAT = b""
 # The format lets a stream begin with one byte order mark, which is not part of its first line.

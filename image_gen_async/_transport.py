@@ -275,12 +275,16 @@ class Transport:
         if self._streams is None:
             self._streams = aiohttp.ClientSession(
                 connector=_StampingConnector(limit=self._pool_size, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
-                ),
+                timeout=self._session_timeout(),
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
             )
         return self._streams
+
+    def _session_timeout(self) -> aiohttp.ClientTimeout:
+        """Connecting and each read bounded, never the whole call (each exchange has its own limit)."""
+        return aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+        )
 
     async def close(self) -> None:
         self.closed = True
