@@ -240,8 +240,7 @@ class Engine:
         with its first event that names the task (one that ends first is uncertain).
         """
         body = encode_body(request)
-        codec = target.codec
-        until = (lambda data: names_task(codec, data)) if stream else None
+        until = is_json_object if stream else None
         events: EventStream | None = None
         limit = exchange_limit or self.transport.exchange_limit(read_timeout)
         account = target.account
@@ -588,13 +587,14 @@ def read_body(
         return None, unreadable(codec, odd), Failure.BAD_SHAPE
 
 
-def names_task(codec: Codec, data: bytes) -> bool:
-    """Whether a stream event is the create's answer: it names the task, or ends the job."""
+def is_json_object(data: bytes) -> bool:
+    """Whether a stream event is the create's answer: the first that is a JSON object (the
+    documented events name no task: the job's first event is its acceptance)."""
     try:
         body = _json.loads(data)
     except ValueError:
         return False  # not JSON: not an answer; the next event may be
-    return _task_id_of(codec, body) is not None or codec.stream_event_final(body)
+    return isinstance(body, Mapping)
 
 
 def _task_id_of(codec: Codec, body: Any) -> str | None:

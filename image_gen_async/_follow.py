@@ -33,6 +33,7 @@ from .errors import (
     ContentPolicyError,
     ImageGenError,
     SessionClosedError,
+    SubmitUncertainError,
     TaskFailedError,
     TaskTimeoutError,
     TransportError,
@@ -199,6 +200,7 @@ class Follower:
         "_last_running",
         "_learn",
         "_loop",
+        "_provisional",
         "_request",
         "_target",
         "_task",
@@ -241,6 +243,8 @@ class Follower:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._events: EventStream | None = None  # a stream create's open stream, while read
+        # The task id is ours until an event names the provider's: no poll can find it.
+        self._provisional = snapshot.provisional
 
     def begin(self, *, webhook: bool = False, events: EventStream | None = None) -> None:
         """Start polling; with a webhook, only once the callback is clearly late; with a stream,
@@ -431,6 +435,9 @@ class Follower:
             finally:
                 events.close()
                 self._events = None
+            if self._provisional:
+                self._end(self._lost(why))
+                return
             log.info("%s task %s: event stream dropped (%s); polling", target.name, handle.task_id, why)
         except asyncio.CancelledError:
             if self._task is not None:  # cancelled from outside, not by cancel()
@@ -455,7 +462,9 @@ class Follower:
         except Exception:  # not JSON, the wrong shape, a value no document foresaw
             log.debug("%s task %s: an unreadable stream event, passed over", target.name, handle.task_id)
             return None
-        if snapshot.task_id != handle.task_id:
+        if snapshot.task_id != handle.task_id and self._provisional:
+            self._named(snapshot.task_id)
+        elif snapshot.task_id != handle.task_id:
             if not self._warned:
                 self._warned = True
                 log.warning(
@@ -463,6 +472,25 @@ class Follower:
                 )
             return None
         return snapshot
+
+    def _named(self, task_id: str) -> None:
+        """The stream named its task at last: the handle takes the provider's id, polls can find it."""
+        handle, target = self._handle, self._target
+        log.info("%s task %s is %s at the provider", target.name, handle.task_id, task_id)
+        handle.task_id = task_id
+        self._provisional = False
+        self._request = target.codec.poll_request(task_id, handle.model)
+        self._url = target.url(self._request.path)
+
+    def _lost(self, why: str) -> SubmitUncertainError:
+        """A stream that dropped before naming its task: it runs (and is billed) where no poll can find it."""
+        handle = self._handle
+        return SubmitUncertainError(
+            f"the create's event stream dropped ({why}) before naming its generation: the task "
+            "may run and be billed, but cannot be polled or resumed",
+            provider=self._target.name,
+            model=handle.model,
+        )
 
     def _on_retry(self, tries: int, wait: float, error: ImageGenError) -> None:
         handle = self._handle

@@ -350,3 +350,33 @@ async def test_the_cli_shows_a_streamed_jobs_progress(
     assert emulator.stats.creates["nananobanana"] == 1 and not emulator.stats.polls.get("nananobanana")
     code = await asyncio.to_thread(cli.main, [*argv, "--prompt", "a fox", "--stream", "--provider", "dh3"])
     assert code == 2 and "no stream mode" in capsys.readouterr().err
+
+
+BARE_STARTED = event(type="status", message="Generation started", progress=0)
+BARE_RUNNING = event(type="status", message="Generating image", progress=30)
+
+
+async def test_a_documented_stream_that_drops_before_naming_its_task_is_uncertain_not_polled(
+    stream_session: Callable[..., Awaitable[AsyncSession]],
+) -> None:
+    server = StreamServer([BARE_STARTED, BARE_RUNNING], "drop")
+    session = await stream_session(server)
+    seen: list[float] = []
+    handle = await session.nananobanana.submit(
+        MODEL, prompt="a fox", stream=True, on_progress=lambda done, _: seen.append(done)
+    )
+    assert handle.task_id.startswith("stream-")  # ours: the events name none
+    with pytest.raises(SubmitUncertainError, match="cannot be polled"):
+        await handle
+    assert seen == [0, 30] and server.creates == 1 and server.polls == 0
+
+
+async def test_an_id_named_late_replaces_the_provisional_one_and_is_polled(
+    stream_session: Callable[..., Awaitable[AsyncSession]],
+) -> None:
+    server = StreamServer([BARE_STARTED, RUNNING], "drop")  # the second event names gen-1
+    session = await stream_session(server)
+    handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
+    result = await handle
+    assert handle.task_id == TASK and result.task_id == TASK
+    assert server.creates == 1 and server.polls >= 1

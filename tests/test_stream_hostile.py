@@ -549,11 +549,6 @@ BARE_RUNNING = event(type="status", message="Generating image", progress=30)
 BARE_COMPLETE = event(type="complete", progress=100, data={"success": True, "imageUrls": [URL]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a create is accepted only at an event that names its task or ends the job: without ids, "
-    "every status event is read inside the create's exchange and none reaches on_progress",
-)
 async def test_a_stream_in_the_documented_shape_reports_its_progress(hostile_session: Maker) -> None:
     server = Hostile(streaming([BARE_STARTED, BARE_RUNNING, BARE_COMPLETE]))
     session = await hostile_session(server)
@@ -565,11 +560,6 @@ async def test_a_stream_in_the_documented_shape_reports_its_progress(hostile_ses
     assert seen == [0, 30, 100]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="without ids the whole job must fit in the create's exchange (connect + read timeout): "
-    "a longer one is a SubmitUncertainError although it is paid for and its images come",
-)
 async def test_a_documented_stream_longer_than_the_exchange_limit_keeps_its_images(
     hostile_session: Maker,
 ) -> None:
@@ -590,11 +580,13 @@ async def test_a_documented_stream_longer_than_the_exchange_limit_keeps_its_imag
     assert list(result.urls) == [URL] and server.creates == 1
 
 
-async def test_an_error_before_any_id_is_uncertain_and_says_why(hostile_session: Maker) -> None:
+async def test_an_error_event_naming_no_task_fails_it_with_the_servers_words(hostile_session: Maker) -> None:
+    # The documented events carry no id: an error event on the stream is the job's failure
+    # (charged, as the documents say of a failed generation), never a reason to send again.
     busy = event(type="error", message="Server is busy, too many concurrent tasks. Please retry later.")
     server = Hostile(streaming([busy]))
     session = await hostile_session(server)
-    with pytest.raises(SubmitUncertainError) as raised:
+    with pytest.raises(TaskFailedError) as raised:
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1
     assert "Server is busy" in str(raised.value)  # the server's reason, not only ours

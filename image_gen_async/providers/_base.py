@@ -48,6 +48,9 @@ class Snapshot:
     # How far along the job is (0-100) and what it is doing, where the provider says (a stream).
     progress: float | None = None
     message: str | None = None
+    # The task id is ours, not the provider's: a stream that has not named its task yet.
+    # Such a task cannot be polled; a later event that names it gives the real id.
+    provisional: bool = False
 
 
 @attrs.frozen
@@ -272,7 +275,8 @@ class Codec(abc.ABC):
         return False
 
     def read_stream_event(self, model: str, body: Any, task_id: str | None) -> Snapshot:
-        """Read one stream event; ``task_id`` is the stream's task, once an event named it."""
+        """Read one stream event; an event naming no task is about ``task_id`` (the stream's),
+        or, when that is None (the first event), about a provisional id of our own."""
         raise NotImplementedError
 
     def cancel_request(self, task_id: str) -> HttpRequest | None:

@@ -18,7 +18,7 @@ Assumption: a poll answer without the ``data`` wrapper is read from the top leve
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -125,16 +125,11 @@ class NananobananaCodec(Codec):
         urls = _stream_urls(data)
         status = _stream_status(body)
         error = _text(body.get("error")) or message or _text(data.get("error"))
+        # The documented events carry no id: until one does, the task goes by one of ours
+        # (it cannot be polled, but its events and its images still come on the stream).
+        provisional = named is None
         if named is None:
-            if status is not TaskStatus.COMPLETED:
-                # The server's own words go along: "Server is busy" says more than our "no id".
-                said = f" (it said: {error})" if status is TaskStatus.FAILED and error else ""
-                raise ProtocolError(
-                    f"{self.name}: a stream event names no generation{said}", field="generationId"
-                )
-            # Finished before any event named it: the images are paid for, so they are kept,
-            # under an id made from them (it cannot be polled, and needs not be).
-            named = "stream-" + hashlib.sha256(urls[0].encode()).hexdigest()[:16]
+            named = "stream-" + secrets.token_hex(8)
         snapshot = self.snapshot(
             task_id=named,
             model=model,
@@ -145,7 +140,8 @@ class NananobananaCodec(Codec):
             credits_used=number(data.get("creditsUsed")),
             remaining_credits=number(data.get("remainingCredits")),
         )
-        return attrs.evolve(snapshot, progress=_percent(body.get("progress")), message=message)
+        progress = _percent(body.get("progress"))
+        return attrs.evolve(snapshot, progress=progress, message=message, provisional=provisional)
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
         answer = structure(body, Generated, provider=self.name)
