@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from . import _config
+from . import _config as checks
 from ._capacity import Slot
 from ._engine import Created, Unplaced
 from ._handle import TaskHandle
@@ -57,17 +58,17 @@ ERRORS_IN_A_ROW = 3
 def _target_provider(instance: Target, attribute: Any, value: Any) -> None:
     if not isinstance(value, str) or value not in CODECS:
         raise ConfigurationError(
-            f"Target.provider must be one of {', '.join(CODECS)}, got {_config.shown(value)}"
+            f"Target.provider must be one of {', '.join(CODECS)}, got {checks.shown(value)}"
         )
 
 
 def _target_model(instance: Target, attribute: Any, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"Target.model must be a non-empty str, got {_config.shown(value)}")
+        raise ConfigurationError(f"Target.model must be a non-empty str, got {checks.shown(value)}")
 
 
 def _target_weight(value: object) -> float:
-    return _config.positive_number("Target.weight", value)
+    return checks.positive_number("Target.weight", value)
 
 
 @attrs.frozen
@@ -211,12 +212,18 @@ class _Job:
     requests: dict[_Lane, HttpRequest]
     timeout: float | None
     before_create: Callable[[], object] | None
+    sync: bool = False  # generate(): lanes whose API has a sync mode answer with the result
 
 
 @attrs.define(eq=False)
 class _Waiter:
+    """A job waiting for a lane: ``seq`` its place in the router's line, ``key`` which lanes it can
+    use (waiters with the same key compete for the same places, so they queue together)."""
+
     lanes: list[_Lane]
     future: asyncio.Future[_Lane]
+    seq: int
+    key: tuple[int, ...]
 
 
 class Router:
@@ -228,7 +235,11 @@ class Router:
         self._by_label = {lane.label: lane for lane in lanes}
         self._rerun_failed = rerun_failed
         self._weighted = len({lane.target.weight for lane in lanes}) > 1
-        self._waiters: deque[_Waiter] = deque()
+        # Waiters by the lanes they can use, each line first come first served; ``_seq`` orders
+        # the lines' heads, so the oldest waiter that some lane can take goes first.
+        self._lines: dict[tuple[int, ...], deque[_Waiter]] = {}
+        self._seq = itertools.count()
+        self._waiting = 0
         # Places handed to a waiter that has not yet sent: per account (gate) and limiter.
         self._pending_accounts: Counter[int] = Counter()
         self._pending_limiters: Counter[int] = Counter()
@@ -269,29 +280,41 @@ class Router:
         handle; ``before_create()`` runs before each create goes out (as on a client).
         ``handle.provider`` and ``handle.route`` say where the job went.
         """
-        timeout = _config.call_timeout(timeout)
-        self._session._engine.check_open()
-        job = _Job(prompt, self._requests(prompt, params), timeout, before_create)
-        handle = await self._place(job, set())
-        if not self._rerun_failed:
-            return handle
-        return self._rerunning(job, handle)
+        return await self._submit(prompt, timeout, before_create, params, sync=False)
 
     async def generate(self, *, prompt: str, timeout: float | None = None, **params: Any) -> TaskResult:
-        """Submit and wait for the result (polling: no lane's sync mode holds a job)."""
-        handle = await self.submit(prompt=prompt, timeout=timeout, **params)
+        """Submit and wait for the result; a lane whose API has a sync mode answers with it, as
+        a client's ``generate()`` does (its place is given back the moment the answer arrives)."""
+        handle = await self._submit(prompt, timeout, None, params, sync=True)
         try:
             return await handle
         except asyncio.CancelledError:
             handle.cancel()
             raise
 
+    async def _submit(
+        self,
+        prompt: str,
+        timeout: float | None,
+        before_create: Callable[[], object] | None,
+        params: Mapping[str, Any],
+        *,
+        sync: bool,
+    ) -> TaskHandle:
+        timeout = checks.call_timeout(timeout)
+        self._session._engine.check_open()
+        job = _Job(prompt, self._requests(prompt, params, sync), timeout, before_create, sync)
+        handle = await self._place(job, set())
+        if not self._rerun_failed:
+            return handle
+        return self._rerunning(job, handle)
+
     def resume(self, task_id: str, route: str, *, timeout: float | None = None) -> TaskHandle:
         """A handle for a task a lane created earlier (``handle.route``): polls it, never creates."""
         lane = self._by_label.get(route) if isinstance(route, str) else None
         if lane is None:
             raise ConfigurationError(
-                f"no lane {_config.shown(route)} in this router; its lanes: {', '.join(self.lanes)}"
+                f"no lane {checks.shown(route)} in this router; its lanes: {', '.join(self.lanes)}"
             )
         handle = lane.client.resume(task_id, lane.model, timeout=timeout)
         self._track(lane, handle)
@@ -299,7 +322,7 @@ class Router:
 
     # --- placing a job --------------------------------------------------------------
 
-    def _requests(self, prompt: str, params: Mapping[str, Any]) -> dict[_Lane, HttpRequest]:
+    def _requests(self, prompt: str, params: Mapping[str, Any], sync: bool) -> dict[_Lane, HttpRequest]:
         """Each lane's create, built by its codec (which checks the documented limits): a lane
         that refuses the job is left out; none left is ``InvalidRequestError``, nothing sent."""
         built: dict[Target, HttpRequest | InvalidRequestError] = {}
@@ -308,7 +331,7 @@ class Router:
                 codec = lane.engine_target.codec
                 try:
                     built[lane.target] = codec.submit_request(
-                        lane.model, prompt, params, webhook_url=None, sync=False
+                        lane.model, prompt, params, webhook_url=None, sync=sync and codec.has_sync_mode
                     )
                 except InvalidRequestError as error:
                     built[lane.target] = error
@@ -353,14 +376,25 @@ class Router:
             lane.probing = True
             target.account.unblock()  # the probe: a stopped key refuses again at no cost
         lane.in_flight += 1
+        engine = self._session._engine
+        sync = job.sync and target.codec.has_sync_mode
+        # Sync mode, as a client's generate(): the exchange is the job, bounded by its timeout.
+        read_timeout = None
+        if sync:
+            read_timeout = engine.settings.sync_timeout
+            if job.timeout is not None:
+                read_timeout = min(job.timeout, read_timeout)
         try:
-            created = await self._session._engine.create(
+            created = await engine.create(
                 target,
                 lane.model,
                 job.requests[lane],
                 deadline=deadline,
                 before_send=job.before_create,
                 hold_uncertain=lambda: self._hold(lane),
+                read_timeout=read_timeout,
+                exchange_limit=job.timeout if sync else None,
+                eager=sync,
                 failover=True,
             )
         except Unplaced:
@@ -393,7 +427,14 @@ class Router:
 
     def _follow(self, lane: _Lane, created: Created, job: _Job) -> TaskHandle:
         slot = _LaneSlot(created.slot, self._serve)
-        handle = lane.client._follow(created.snapshot, lane.model, created.retries, job.timeout, slot=slot)
+        took = None
+        if job.sync and lane.engine_target.codec.has_sync_mode:
+            # Timed from when the request went out: exact when sync mode answered with the result.
+            elapsed = asyncio.get_running_loop().time() - created.sent_at
+            took = (elapsed, elapsed)
+        handle = lane.client._follow(
+            created.snapshot, lane.model, created.retries, job.timeout, took=took, slot=slot
+        )
         handle.credits_used = created.snapshot.credits_used
         self._track(lane, handle, counted=True)
         return handle
@@ -500,14 +541,16 @@ class Router:
 
     async def _admit(self, lanes: list[_Lane], deadline: float) -> _Lane:
         """A lane that can start the job now, its place reserved; else wait first come, first served."""
-        if not self._waiters:
+        if not self._waiting:
             lane = self._choose(lanes)
             if lane is not None:
                 self._reserve(lane)
                 return lane
-        waiter = _Waiter(lanes, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        self._arm()
+        key = tuple(lane.order for lane in lanes)
+        waiter = _Waiter(lanes, asyncio.get_running_loop().create_future(), next(self._seq), key)
+        self._lines.setdefault(key, deque()).append(waiter)
+        self._waiting += 1
+        self._serve()  # older waiters may want other lanes than this one
         try:
             async with asyncio.timeout_at(deadline):
                 return await waiter.future
@@ -517,9 +560,8 @@ class Router:
                 self._unreserve(future.result())  # woken with a place, then cancelled: hand it on
                 self._serve()
             else:
-                future.cancel()
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                future.cancel()  # left in its line, skipped there
+                self._waiting -= 1
             if isinstance(error, TimeoutError):
                 raise AdmissionTimeoutError(
                     f"router: no lane could start the job within its deadline ({', '.join(self.lanes)}); "
@@ -529,27 +571,45 @@ class Router:
 
     def _serve(self) -> None:
         """Hand lanes that can start a job to the waiters, oldest first."""
-        if self._session._engine.closed:
+        if self._session._engine.closed or not self._waiting:
             return
-        for waiter in list(self._waiters):
-            if waiter.future.done():
-                self._waiters.remove(waiter)
+        # Handing out only takes places, so a line whose head found no lane stays stuck in
+        # this pass: each line is asked until it is stuck, not each waiter.
+        stuck: set[tuple[int, ...]] = set()
+        while True:
+            head = self._oldest_head(stuck)
+            if head is None:
+                break
+            lane = self._choose(head.lanes)
+            if lane is None:
+                stuck.add(head.key)
                 continue
-            lane = self._choose(waiter.lanes)
-            if lane is not None:
-                self._reserve(lane)
-                self._waiters.remove(waiter)
-                waiter.future.set_result(lane)
-        if self._waiters:
+            self._lines[head.key].popleft()
+            self._waiting -= 1
+            self._reserve(lane)
+            head.future.set_result(lane)
+        if self._waiting:
             self._arm()
+
+    def _oldest_head(self, stuck: set[tuple[int, ...]]) -> _Waiter | None:
+        """The oldest waiter at the head of a line not stuck (waiters gone are dropped)."""
+        oldest = None
+        for key, line in list(self._lines.items()):
+            while line and line[0].future.done():
+                line.popleft()
+            if not line:
+                del self._lines[key]
+            elif key not in stuck and (oldest is None or line[0].seq < oldest.seq):
+                oldest = line[0]
+        return oldest
 
     def _arm(self) -> None:
         """One timer at the soonest moment a lane a waiter could use comes due (a rate turn, the
         end of a back-off); places freed by finished tasks wake the waiters themselves."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        lanes = {lane for waiter in self._waiters for lane in waiter.lanes}
-        due = min((t for lane in lanes if (t := self._due(lane, now)) is not None), default=None)
+        # Every lane, not only the waiters' (they are few): an early wake finds nothing to do.
+        due = min((t for lane in self._lanes if (t := self._due(lane, now)) is not None), default=None)
         if due is None:
             return
         if self._timer is not None:
@@ -632,11 +692,11 @@ def make_router(
     if isinstance(targets, str | bytes) or not isinstance(targets, Sequence) or not targets:
         raise ConfigurationError("targets must be a non-empty list of Target")
     if not isinstance(rerun_failed, bool):
-        raise ConfigurationError(f"rerun_failed must be a bool, got {_config.shown(rerun_failed)}")
+        raise ConfigurationError(f"rerun_failed must be a bool, got {checks.shown(rerun_failed)}")
     lanes: list[_Lane] = []
     for index, target in enumerate(targets):
         if not isinstance(target, Target):
-            raise ConfigurationError(f"targets[{index}] must be a Target, got {_config.shown(target)}")
+            raise ConfigurationError(f"targets[{index}] must be a Target, got {checks.shown(target)}")
         if target in targets[:index]:
             raise ConfigurationError(f"targets[{index}] repeats {target.provider}:{target.model}")
         keyed = [t for t in targets_by_client[target.provider] if t.key is not None]
