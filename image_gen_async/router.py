@@ -314,7 +314,9 @@ class Router:
         lane = self._by_label.get(route) if isinstance(route, str) else None
         if lane is None:
             raise ConfigurationError(
-                f"no lane {checks.shown(route)} in this router; its lanes: {', '.join(self.lanes)}"
+                f"no lane {route!r} in this router; its lanes: {', '.join(self.lanes)}"
+                if isinstance(route, str)
+                else f"route must be a lane's label (a str), got {checks.shown(route)}"
             )
         handle = lane.client.resume(task_id, lane.model, timeout=timeout)
         self._track(lane, handle)
@@ -697,7 +699,7 @@ def make_router(
     for index, target in enumerate(targets):
         if not isinstance(target, Target):
             raise ConfigurationError(f"targets[{index}] must be a Target, got {checks.shown(target)}")
-        if target in targets[:index]:
+        if any((t.provider, t.model) == (target.provider, target.model) for t in targets[:index]):
             raise ConfigurationError(f"targets[{index}] repeats {target.provider}:{target.model}")
         keyed = [t for t in targets_by_client[target.provider] if t.key is not None]
         if not keyed:
