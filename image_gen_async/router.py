@@ -212,6 +212,7 @@ class _Job:
     requests: dict[_Lane, HttpRequest]
     timeout: float | None
     before_create: Callable[[], object] | None
+    on_route: Callable[[str], object] | None = None
     sync: bool = False  # generate(): lanes whose API has a sync mode answer with the result
 
 
@@ -269,6 +270,7 @@ class Router:
         prompt: str,
         timeout: float | None = None,
         before_create: Callable[[], object] | None = None,
+        on_route: Callable[[str], object] | None = None,
         **params: Any,
     ) -> TaskHandle:
         """Create the job on the lane that can start it soonest; its handle once accepted.
@@ -277,10 +279,11 @@ class Router:
         ``image_urls``, ``seed``), translated by each target's codec; a lane whose provider
         cannot take them is never used for this job, and if none can, ``InvalidRequestError``
         is raised before anything is sent. ``timeout`` bounds the wait for a lane and the
-        handle; ``before_create()`` runs before each create goes out (as on a client).
-        ``handle.provider`` and ``handle.route`` say where the job went.
+        handle; ``before_create()`` runs before each create goes out (as on a client), and
+        ``on_route(label)`` before that, each time a lane is tried (a journal can record where
+        the job may be made). ``handle.provider`` and ``handle.route`` say where the job went.
         """
-        return await self._submit(prompt, timeout, before_create, params, sync=False)
+        return await self._submit(prompt, timeout, before_create, params, sync=False, on_route=on_route)
 
     async def generate(self, *, prompt: str, timeout: float | None = None, **params: Any) -> TaskResult:
         """Submit and wait for the result; a lane whose API has a sync mode answers with it, as
@@ -300,10 +303,11 @@ class Router:
         params: Mapping[str, Any],
         *,
         sync: bool,
+        on_route: Callable[[str], object] | None = None,
     ) -> TaskHandle:
         timeout = checks.call_timeout(timeout)
         self._session._engine.check_open()
-        job = _Job(prompt, self._requests(prompt, params, sync), timeout, before_create, sync)
+        job = _Job(prompt, self._requests(prompt, params, sync), timeout, before_create, on_route, sync)
         handle = await self._place(job, set())
         if not self._rerun_failed:
             return handle
@@ -387,6 +391,8 @@ class Router:
             if job.timeout is not None:
                 read_timeout = min(job.timeout, read_timeout)
         try:
+            if job.on_route is not None:
+                job.on_route(lane.label)
             created = await engine.create(
                 target,
                 lane.model,
@@ -437,7 +443,6 @@ class Router:
         handle = lane.client._follow(
             created.snapshot, lane.model, created.retries, job.timeout, took=took, slot=slot
         )
-        handle.credits_used = created.snapshot.credits_used
         self._track(lane, handle, counted=True)
         return handle
 
@@ -468,7 +473,7 @@ class Router:
             self._erred(lane)
         elif unplaced.reason == "rate":
             lane.cool_until = now + self._backoff_base
-        lane.probing = False if unplaced.reason != "capacity" else lane.probing
+        lane.probing = False  # a capacity or rate refusal proves little: the next job probes again
         self._serve()
 
     def _erred(self, lane: _Lane) -> None:

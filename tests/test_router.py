@@ -413,3 +413,20 @@ async def test_polling_settings_are_the_sessions(sessions: list[AsyncSession], e
     result = await router.generate(prompt="sync where it can")
     assert result.status is TaskStatus.COMPLETED
     assert emu.stats.polls["get3w"] == 0  # the answer was the result
+
+
+async def test_on_route_names_each_lane_tried_before_its_create_goes_out(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.credits = 0  # nananobanana refuses (402): the job moves on to dh3
+    session = opened(sessions, emu)
+    router = session.router([NANA, DH3])
+    tried: list[tuple[str, int]] = []
+
+    def on_route(label: str) -> None:
+        tried.append((label, sum(emu.stats.create_requests.values())))
+
+    handle = await router.submit(prompt="where to", on_route=on_route)
+    await handle
+    assert tried == [(router.lanes[0], 0), (router.lanes[1], 1)]
+    assert handle.route == router.lanes[1]
