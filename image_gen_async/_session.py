@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -521,6 +522,7 @@ class AsyncSession:
         accounts: dict[tuple[str, str], Account] = {}
         self._clients: dict[str, ProviderClient] = {}
         self._extra_clients: dict[int, ProviderClient] = {}  # the router's, for keys after the first
+        self._routers: weakref.WeakSet[Router] = weakref.WeakSet()  # their waiting jobs end at close()
         # Every key of every client, first key first; the client itself uses the first (or none).
         self._targets: dict[str, tuple[Target, ...]] = {}
         for name, codec in CODECS.items():
@@ -584,6 +586,8 @@ class AsyncSession:
         Handles still running end with ``ConfigurationError``; their tasks may still
         finish at the provider and can be picked up with ``client.resume()``.
         """
+        for router in list(self._routers):
+            router._close()
         await self.webhooks.close()
         await self._follow.close()
         await self._engine.close()
@@ -627,7 +631,9 @@ class AsyncSession:
         lane (it is paid again). ``ConfigurationError`` for a target whose provider has no key.
         """
         self._engine.check_open()
-        return make_router(self, targets, self._targets, rerun_failed)
+        router = make_router(self, targets, self._targets, rerun_failed)
+        self._routers.add(router)
+        return router
 
     def _client_for(self, target: Target) -> ProviderClient:
         """The client that uses ``target``'s key: the session's own for a first key, else one made once."""

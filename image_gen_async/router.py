@@ -36,6 +36,7 @@ from .errors import (
     ContentPolicyError,
     ImageGenError,
     InvalidRequestError,
+    SessionClosedError,
     SubmitUncertainError,
     TaskFailedError,
     TransportError,
@@ -326,6 +327,22 @@ class Router:
         self._track(lane, handle)
         return handle
 
+    def _close(self) -> None:
+        """The session is closing: every waiting job ends now with ``SessionClosedError``."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for line in self._lines.values():
+            for waiter in line:
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        SessionClosedError("the session closed while the job waited for a lane; nothing sent")
+                    )
+        self._lines.clear()
+        self._waiting = 0
+        for rerun in list(self._reruns):
+            rerun.cancel()
+
     # --- placing a job --------------------------------------------------------------
 
     def _requests(self, prompt: str, params: Mapping[str, Any], sync: bool) -> dict[_Lane, HttpRequest]:
@@ -563,10 +580,10 @@ class Router:
                 return await waiter.future
         except BaseException as error:
             future = waiter.future
-            if future.done() and not future.cancelled():
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self._unreserve(future.result())  # woken with a place, then cancelled: hand it on
                 self._serve()
-            else:
+            elif not future.done():
                 future.cancel()  # left in its line, skipped there
                 self._waiting -= 1
             if isinstance(error, TimeoutError):

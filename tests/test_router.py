@@ -13,6 +13,7 @@ from image_gen_async import (
     AsyncSession,
     ConfigurationError,
     InvalidRequestError,
+    SessionClosedError,
     SubmitUncertainError,
     Target,
     TaskFailedError,
@@ -430,3 +431,18 @@ async def test_on_route_names_each_lane_tried_before_its_create_goes_out(
     await handle
     assert tried == [(router.lanes[0], 0), (router.lanes[1], 1)]
     assert handle.route == router.lanes[1]
+
+
+async def test_closing_the_session_ends_the_jobs_waiting_for_a_lane(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    session = opened(sessions, emu, max_concurrent={"dh3": 1})
+    router = session.router([DH3])
+    first = await router.submit(prompt="holds the only place")
+    waiting = asyncio.ensure_future(router.submit(prompt="waits for it"))
+    await asyncio.sleep(0)  # let it join the line
+    assert not waiting.done()
+    await session.close()
+    with pytest.raises(SessionClosedError, match="waited for a lane"):
+        await waiting
+    assert first.done() and emu.stats.creates["dh3"] == 1
