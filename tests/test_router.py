@@ -446,3 +446,31 @@ async def test_closing_the_session_ends_the_jobs_waiting_for_a_lane(
     with pytest.raises(SessionClosedError, match="waited for a lane"):
         await waiting
     assert first.done() and emu.stats.creates["dh3"] == 1
+
+
+async def test_a_lane_without_a_rate_turn_now_is_passed_over(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    session = opened(sessions, emu, rate_limits={"dh3": 4.0})
+    router = session.router([DH3, GET3W])
+    handles = await asyncio.gather(*(router.submit(prompt=f"job {index}") for index in range(10)))
+    # dh3 is preferred, but its next turn is 0.25 s away: the other jobs start at once on Get3W.
+    assert [handle.provider for handle in handles].count("dh3") == 1
+    assert emu.stats.creates["get3w"] == 9 and emu.stats.rate_limited["dh3"] == 0
+    await asyncio.gather(*handles)
+
+
+async def test_jobs_waiting_for_rate_turns_are_woken_when_each_comes_due(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.config.dh3_qps = 4.0  # the server refuses a fifth create within a second
+    session = opened(sessions, emu, rate_limits={"dh3": 4.0})
+    router = session.router([DH3])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    handles = await asyncio.gather(*(router.submit(prompt=f"job {index}") for index in range(5)))
+    took = loop.time() - started
+    assert emu.stats.creates["dh3"] == 5 and emu.stats.rate_limited["dh3"] == 0
+    # The fifth waits for the first to leave the server's second, and not much longer.
+    assert 1.0 <= took < 1.4
+    await asyncio.gather(*handles)
