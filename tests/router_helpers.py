@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from image_gen_async import AsyncSession, Target
-from image_gen_async.testing import Emulator
+from image_gen_async.testing import Emulator, EmulatorProcess
 
 from .conftest import FAST_POLLING
 
@@ -17,7 +17,9 @@ NANA = Target("nananobanana", "nano-banana")
 THREE = [GET3W, DH3, NANA]
 
 
-def session_on(*emulators: Emulator, keys: dict[str, Any] | None = None, **overrides: Any) -> AsyncSession:
+def session_on(
+    *emulators: Emulator | EmulatorProcess, keys: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncSession:
     """A session with every client on the first emulator (or per client: ``base_urls``), fast retries."""
     options: dict[str, Any] = {
         "api_keys": keys or {"get3w": "sk-get3w", "dh3": "sk-dh3", "nananobanana": "sk-nana"},
