@@ -395,8 +395,7 @@ class Router:
         target = lane.engine_target
         self._pending_accounts[id(target.account)] -= 1
         self._pending_limiters[id(target.limiter)] -= 1
-        if lane.needs_probe:
-            lane.probing = True
+        if lane.probing:
             target.account.unblock()  # the probe: a stopped key refuses again at no cost
         lane.in_flight += 1
         engine = self._session._engine
@@ -691,12 +690,16 @@ class Router:
         return wait_time is None or wait_time() <= 0
 
     def _reserve(self, lane: _Lane) -> None:
+        """Hold a place for a job about to be sent on ``lane``; after a back-off it is the probe."""
         self._pending_accounts[id(lane.engine_target.account)] += 1
         self._pending_limiters[id(lane.engine_target.limiter)] += 1
+        lane.probing = lane.needs_probe  # one probe at a time: the lane is skipped until it ends
 
     def _unreserve(self, lane: _Lane) -> None:
+        """A reserved job was cancelled before it was sent."""
         self._pending_accounts[id(lane.engine_target.account)] -= 1
         self._pending_limiters[id(lane.engine_target.limiter)] -= 1
+        lane.probing = False
 
 
 def _cancelled(_: object) -> None:
