@@ -259,6 +259,11 @@ class Router:
         return tuple(lane.label for lane in self._lanes)
 
     @property
+    def stopped(self) -> bool:
+        """True while every lane's key is stopped (its circuit open): no job can be created now."""
+        return all(lane.engine_target.account.blocked is not None for lane in self._lanes)
+
+    @property
     def stats(self) -> dict[str, LaneStats]:
         """Each lane's counters and health, by label (a snapshot)."""
         return {lane.label: lane.stats() for lane in self._lanes}
@@ -314,8 +319,16 @@ class Router:
             return handle
         return self._rerunning(job, handle)
 
-    def resume(self, task_id: str, route: str, *, timeout: float | None = None) -> TaskHandle:
-        """A handle for a task a lane created earlier (``handle.route``): polls it, never creates."""
+    def resume(
+        self,
+        task_id: str,
+        route: str,
+        *,
+        estimated_duration: float | None = None,
+        timeout: float | None = None,
+    ) -> TaskHandle:
+        """A handle for a task a lane created earlier (``handle.route``): polls it with that lane's
+        provider and key, never creates."""
         lane = self._by_label.get(route) if isinstance(route, str) else None
         if lane is None:
             raise ConfigurationError(
@@ -323,7 +336,9 @@ class Router:
                 if isinstance(route, str)
                 else f"route must be a lane's label (a str), got {checks.shown(route)}"
             )
-        handle = lane.client.resume(task_id, lane.model, timeout=timeout)
+        handle = lane.client.resume(
+            task_id, lane.model, estimated_duration=estimated_duration, timeout=timeout
+        )
         self._track(lane, handle)
         return handle
 

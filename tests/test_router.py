@@ -13,6 +13,7 @@ from image_gen_async import (
     AsyncSession,
     ConfigurationError,
     InvalidRequestError,
+    PermissionDeniedError,
     SessionClosedError,
     SubmitUncertainError,
     Target,
@@ -474,3 +475,19 @@ async def test_jobs_waiting_for_rate_turns_are_woken_when_each_comes_due(
     # The fifth waits for the first to leave the server's second, and not much longer.
     assert 1.0 <= took < 1.4
     await asyncio.gather(*handles)
+
+
+async def test_a_job_every_lane_refuses_ends_with_the_last_refusal(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.credits = 0
+    emu.get3w_balance = {"sk-get3w": 0}
+    session = opened(sessions, emu)
+    router = session.router([NANA, GET3W])
+    assert not router.stopped
+    with pytest.raises(PermissionDeniedError, match="Insufficient balance"):
+        await router.submit(prompt="nowhere to go")
+    assert router.stopped  # every key stopped: a batch can stop at once
+    assert sum(emu.stats.creates.values()) == 0
+    assert emu.stats.payment_refusals["nananobanana"] == 1 and emu.stats.payment_refusals["get3w"] == 1
+    assert [lane.health for lane in router.stats.values()] == [CIRCUIT_OPEN, CIRCUIT_OPEN]
