@@ -91,7 +91,8 @@ class LaneStats:
 
     ``in_flight``: tasks created here and not done (plus creates on the wire); ``created``:
     creates accepted; ``refused``: creates refused with certainty (nothing made); ``failed_over``:
-    jobs that left this lane for another (after a refusal, or a rerun of a failed task);
+    jobs moved on from here: after such a refusal (to whichever lane can start them next), or
+    after their task failed here (a rerun, with ``rerun_failed``);
     ``failed``: creates or tasks that ended in an error here; ``credits``: credits the provider
     said these tasks used (where it says); ``health``: healthy, circuit open or backing off.
     """
