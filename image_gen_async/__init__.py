@@ -37,6 +37,7 @@ from .errors import (
     TransportError,
 )
 from .models import ModelInfo, Output, TaskResult, TaskStatus
+from .router import LaneStats, Router, Target
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "EngineSettings",
     "ImageGenError",
     "InvalidRequestError",
+    "LaneStats",
     "Limiter",
     "LimiterBackend",
     "LocalBackend",
@@ -68,9 +70,11 @@ __all__ = [
     "RateLimitError",
     "RateLimiter",
     "RedisBackend",
+    "Router",
     "ServerError",
     "SessionClosedError",
     "SubmitUncertainError",
+    "Target",
     "TaskFailedError",
     "TaskHandle",
     "TaskResult",

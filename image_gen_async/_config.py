@@ -166,19 +166,45 @@ def api_key(label: str, value: object) -> str:
     return key
 
 
+def api_keys(label: str, value: object) -> tuple[str, ...]:
+    """One client's keys: a str, or a non-empty list/tuple of str, each cleaned like ``api_key``.
+
+    A key given twice is refused: it would be one account counted as two (twice its cap).
+    """
+    if isinstance(value, str):
+        return (api_key(label, value),)
+    if not isinstance(value, list | tuple):
+        raise ConfigurationError(
+            f"{label} must be a str, got a {type(value).__name__} (or give a list of str: several keys)"
+        )
+    if not value:
+        raise ConfigurationError(f"{label} is an empty list: give at least one key, or leave the client out")
+    keys = tuple(api_key(f"{label}[{index}]", item) for index, item in enumerate(value))
+    for index, key in enumerate(keys):
+        if key in keys[:index]:
+            raise ConfigurationError(f"{label}[{index}] repeats an earlier key: each key must be given once")
+    return keys
+
+
 def env_key(env_var: str, environ: Mapping[str, str]) -> str | None:
     """The key in ``environ[env_var]``, trimmed; None when unset or blank (a shell's ``X=``)."""
     return _trimmed_key(env_var, environ.get(env_var, "")) or None
 
 
-def resolve_key(
-    name: str, fallback: str | None, keys: Mapping[str, str], env_var: str, environ: Mapping[str, str]
-) -> str | None:
-    """A client's key: its own in ``keys`` (already checked), the one it borrows, else the environment's."""
+def resolve_keys(
+    name: str,
+    fallback: str | None,
+    keys: Mapping[str, tuple[str, ...]],
+    env_var: str,
+    environ: Mapping[str, str],
+) -> tuple[str, ...]:
+    """A client's keys, first one first: its own in ``keys`` (already checked), the ones it
+    borrows, else the environment's one (empty: none)."""
     for owner in (name, fallback):
         if owner is not None and owner in keys:
             return keys[owner]
-    return env_key(env_var, environ)
+    key = env_key(env_var, environ)
+    return () if key is None else (key,)
 
 
 def call_timeout(timeout: object) -> float | None:

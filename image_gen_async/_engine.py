@@ -106,6 +106,16 @@ class Refused(Exception):
         self.refusal = refusal
 
 
+class Unplaced(Exception):
+    """With ``failover=True``: a create refused with certainty, nothing made; the caller may
+    send the job elsewhere. ``reason``: "capacity", "rate", "not sent" or "stopped" (the key)."""
+
+    def __init__(self, error: ImageGenError, reason: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.reason = reason
+
+
 class CreateReading(NamedTuple):
     """What a create's answer says: the snapshot if accepted, else the error and what it means."""
 
@@ -219,6 +229,7 @@ class Engine:
         exchange_limit: float | None = None,
         eager: bool = False,
         stream: bool = False,
+        failover: bool = False,
     ) -> Created:
         """Admit, pace and send a create; retry only what cannot have made a task.
 
@@ -238,6 +249,9 @@ class Engine:
         may be running), or None to give it back at once. ``eager`` (sync mode): take a place
         at once while no cap is known. ``stream``: the answer is an event stream, accepted
         with its first event that names the task (one that ends first is uncertain).
+        ``failover`` (a router's create): what is refused with certainty (capacity, rate, a
+        request that never went out, a stopped key) raises ``Unplaced`` at once instead of
+        waiting or retrying here, so the job can go elsewhere.
         """
         body = encode_body(request)
         until = is_json_object if stream else None
@@ -284,6 +298,8 @@ class Engine:
                 verdict = classify_create(
                     sent=ticket.was_sent, http_status=None, failure=transport_failure(error)
                 )
+                if failover and verdict is Verdict.RETRY:
+                    raise Unplaced(error, "not sent") from None
                 raise self._create_outcome(verdict, target, model, request, error, None) from None
             finally:
                 if not ticket.was_sent:
@@ -311,7 +327,12 @@ class Engine:
         waits = backoff_steps(self.settings.retry_base, self.settings.retry_cap)
         again = False  # a create refused for capacity asks again at the head of the queue
         while True:
-            account.check(target.name)
+            try:
+                account.check(target.name)
+            except APIError as stop:
+                if failover:
+                    raise Unplaced(stop, "stopped") from None
+                raise
             gate = account.gate
             if eager and getattr(gate, "learning", False):
                 # A sync create is the whole job: its answer (the growth signal) comes only at
@@ -329,9 +350,13 @@ class Engine:
                 retry_after = getattr(error, "retry_after", None)
                 if refusal.capacity:
                     account.gate.refused(slot, refusal.active, retry_after)
+                    if failover:
+                        raise Unplaced(error, "capacity") from None
                     again = True
                     continue  # the gate holds the next try until a task of this key finishes
                 slot.release()
+                if failover:
+                    raise Unplaced(error, "rate") from None
                 # A rate refusal: the limiter slows down; an unpaced one needs a wait of its own.
                 wait = next_wait(waits, retry_after, self.settings.retry_cap)
                 if deadline is not None and loop.time() + wait >= deadline:
@@ -352,6 +377,8 @@ class Engine:
                     ErrorReport(error.status, error.code, error.message)
                 ):
                     account.block(error)
+                    if failover:
+                        raise Unplaced(error, "stopped") from None
                 raise
             account.gate.accepted()
             if snapshot.remaining_credits is not None:
@@ -644,4 +671,4 @@ def _without_callback_token(body: Any, fields: frozenset[str]) -> Any:
     }
 
 
-__all__ = ["Created", "Engine", "EngineSettings", "OrphanedTask", "Target", "encode_body"]
+__all__ = ["Created", "Engine", "EngineSettings", "OrphanedTask", "Target", "Unplaced", "encode_body"]

@@ -50,6 +50,7 @@ class TaskHandle:
         "progress",
         "provider",
         "retries",
+        "route",
         "status",
         "submitted_at",
         "task_id",
@@ -76,6 +77,8 @@ class TaskHandle:
         self.finished_at: float | None = None
         # What the create cost, where the provider says (nananobanana ``creditsUsed``).
         self.credits_used: float | None = None
+        # The router's lane that made the task ("dh3:nano-banana-pro#1a2b3c4d"), else None.
+        self.route: str | None = None
         self._future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         # Stops whoever follows the task; dropped once the handle is done, so a finished
         # handle keeps nothing of its follower (nor the submitter's context) alive.

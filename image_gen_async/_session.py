@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ from .download import DEFAULT_MAX_BYTES, download_result
 from .errors import APIError, ConfigurationError, InvalidRequestError, NotSupportedError
 from .models import ModelInfo, TaskResult, TaskStatus
 from .providers import CODECS, FALLBACK_CLIENT, HttpRequest, Snapshot
+from .router import Router, make_router
+from .router import Target as RouterTarget
 from .webhooks import WebhookReceiver
 
 if TYPE_CHECKING:
@@ -402,14 +405,6 @@ class ProviderClient:
         return handle
 
 
-def _clean_key(label: str, value: object) -> str:
-    """Trim the whitespace a pasted key often carries; refuse one that cannot go in a header.
-
-    ``label`` names where the key came from; no message ever repeats the key itself.
-    """
-    return _config.api_key(label, value)
-
-
 def _gate(
     backend: LimiterBackend, account: str, fingerprint: str, limit: int | None, pause: float, max_pause: float
 ) -> CapacityGate:
@@ -435,7 +430,9 @@ class AsyncSession:
 
     Use as ``async with AsyncSession(...) as session`` (or call ``await session.close()``).
     Keys come from ``api_keys`` or the environment (``GET3W_API_KEY``, ``DH3_API_KEY``,
-    ``NANANOBANANA_API_KEY``); ``get3w_v3`` borrows ``get3w``'s key and origin.
+    ``NANANOBANANA_API_KEY``); ``get3w_v3`` borrows ``get3w``'s key and origin. A client's
+    value may be a list of keys (``{"dh3": ["k1", "k2"]}``): each key has its own limiter,
+    capacity gate and circuit; the client uses the first, ``session.router()`` all of them.
     ``limiter_backend=RedisBackend(url)`` shares each key's limit and the webhook
     callbacks with every process on that Redis (default: this process only).
     """
@@ -443,7 +440,7 @@ class AsyncSession:
     def __init__(
         self,
         *,
-        api_keys: Mapping[str, str] | None = None,
+        api_keys: Mapping[str, str | Sequence[str]] | None = None,
         base_urls: Mapping[str, str] | None = None,
         rate_limits: Mapping[str, float | None] | None = None,
         pool_size: int = 100,
@@ -483,7 +480,8 @@ class AsyncSession:
                 raise ConfigurationError(
                     f"{label}: unknown client {unknown[0]!r}; known: {', '.join(CODECS)}"
                 )
-        keys = {name: _clean_key(f"api_keys[{name!r}]", value) for name, value in given_keys.items()}
+        # A client's value is one key or a list of them (each its own limiter, gate and circuit).
+        keys = {name: _config.api_keys(f"api_keys[{name!r}]", value) for name, value in given_keys.items()}
         origins = {name: _origin(f"base_urls[{name!r}]", value) for name, value in given_urls.items()}
         rates = {
             name: _config.optional_positive_number(f"rate_limits[{name!r}]", value)
@@ -523,27 +521,32 @@ class AsyncSession:
         limiters: dict[tuple[str, str], Limiter] = {}
         accounts: dict[tuple[str, str], Account] = {}
         self._clients: dict[str, ProviderClient] = {}
+        self._extra_clients: dict[int, ProviderClient] = {}  # the router's, for keys after the first
+        self._routers: weakref.WeakSet[Router] = weakref.WeakSet()  # their waiting jobs end at close()
+        # Every key of every client, first key first; the client itself uses the first (or none).
+        self._targets: dict[str, tuple[Target, ...]] = {}
         for name, codec in CODECS.items():
             fallback = FALLBACK_CLIENT.get(name)
-            key = _config.resolve_key(name, fallback, keys, codec.env_var, environ)
             url = origins.get(name) or (fallback and origins.get(fallback)) or URL(codec.default_base_url)
             rate = rates.get(name, codec.default_rate_limit)
-            # One limiter per client and key: every create this session makes with a key shares it.
-            limiter_key = (name, _key_fingerprint(key) if key else "")
-            if limiter_key not in limiters:
-                limiters[limiter_key] = self._backend.limiter(
-                    *limiter_key, rate, rate_limit_margin, max_pause=retry_cap
-                )
-            # One account per provider and key (Get3W's two APIs are one): one cap, one circuit.
-            account_key = (fallback or name, limiter_key[1])
-            if account_key not in accounts:
-                limit = caps.get(fallback or name) if (fallback or name) in caps else caps.get(name)
-                gate = _gate(self._backend, *account_key, limit, retry_base, retry_cap)
-                accounts[account_key] = Account(account_key[0], gate)
-            target = Target(
-                name, codec, url, Secret(key) if key else None, limiters[limiter_key], accounts[account_key]
-            )
-            self._clients[name] = ProviderClient(self, target)
+            limit = caps.get(fallback or name) if (fallback or name) in caps else caps.get(name)
+            made = []
+            for key in _config.resolve_keys(name, fallback, keys, codec.env_var, environ) or (None,):
+                # One limiter per client and key: every create this session makes with a key shares it.
+                limiter_key = (name, _key_fingerprint(key) if key else "")
+                if limiter_key not in limiters:
+                    limiters[limiter_key] = self._backend.limiter(
+                        *limiter_key, rate, rate_limit_margin, max_pause=retry_cap
+                    )
+                # One account per provider and key (Get3W's two APIs are one): one cap, one circuit.
+                account_key = (fallback or name, limiter_key[1])
+                if account_key not in accounts:
+                    gate = _gate(self._backend, *account_key, limit, retry_base, retry_cap)
+                    accounts[account_key] = Account(account_key[0], gate)
+                secret = Secret(key) if key else None
+                made.append(Target(name, codec, url, secret, limiters[limiter_key], accounts[account_key]))
+            self._targets[name] = tuple(made)
+            self._clients[name] = ProviderClient(self, made[0])
         if "get3w_v3" not in secrets and environ.get(WEBHOOK_SECRET_ENV, "").strip():
             secrets["get3w_v3"] = _config.secret_text(WEBHOOK_SECRET_ENV, environ[WEBHOOK_SECRET_ENV])
         self.webhooks = WebhookReceiver(
@@ -552,8 +555,9 @@ class AsyncSession:
             secrets_by_client=secrets,
             relay=self._backend.webhook_relay(),
         )
-        for client in self._clients.values():
-            client._target.also_mask = self.webhooks.mask
+        for targets in self._targets.values():
+            for target in targets:
+                target.also_mask = self.webhooks.mask
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -582,6 +586,8 @@ class AsyncSession:
         Handles still running end with ``ConfigurationError``; their tasks may still
         finish at the provider and can be picked up with ``client.resume()``.
         """
+        for router in list(self._routers):
+            router._close()
         await self.webhooks.close()
         await self._follow.close()
         await self._engine.close()
@@ -616,6 +622,28 @@ class AsyncSession:
     def orphaned(self) -> int:
         """How many creates went out while their ``submit()`` was cancelled, in this session."""
         return self._engine.orphaned
+
+    def router(self, targets: Sequence[RouterTarget], *, rerun_failed: bool = False) -> Router:
+        """A router over ``targets`` (``image_gen_async.Target``), one lane per target and key.
+
+        Each job goes to the lane that can start it soonest; a create refused with certainty
+        moves to another lane; ``rerun_failed=True`` runs a task that failed again on another
+        lane (it is paid again). ``ConfigurationError`` for a target whose provider has no key.
+        """
+        self._engine.check_open()
+        router = make_router(self, targets, self._targets, rerun_failed)
+        self._routers.add(router)
+        return router
+
+    def _client_for(self, target: Target) -> ProviderClient:
+        """The client that uses ``target``'s key: the session's own for a first key, else one made once."""
+        client = self._clients[target.name]
+        if client._target is target:
+            return client
+        extra = self._extra_clients.get(id(target))
+        if extra is None:
+            extra = self._extra_clients[id(target)] = ProviderClient(self, target)
+        return extra
 
     def client(self, name: str) -> ProviderClient:
         """The client called ``name``; ``ConfigurationError`` for an unknown name."""

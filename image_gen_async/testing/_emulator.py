@@ -31,6 +31,11 @@ Account limits (none by default; all changeable while serving):
   every request is met by a closed connection and no answer, counted only in
   `stats.down_drops`; output files stay served.
 - `config.api_keys` / `config.revoked_keys`: 401 from the next request on.
+- `await emu.refuse_connections()` stops listening (connections are refused: nothing is
+  sent, unlike `down`, whose requests go out and get no answer) until
+  `await emu.accept_connections()`; with `config.keep_alive = False` no pooled connection
+  outlives its answer, so every next request is refused. Serve one provider from an
+  emulator of its own to take that provider away alone.
 - A child process (`EmulatorProcess`) takes the same changes at `POST /_emulator/control`
   (see `_limits.apply_control`); `GET` there shows them and what each key is running.
 """
@@ -40,6 +45,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from aiohttp import web
+from aiohttp.typedefs import Handler as WebHandler
 
 from ._core import Core, json_response, read_json
 from ._limits import apply_control, control_problem, control_state
@@ -60,6 +66,7 @@ class Emulator:
         self.app = self._build_app()
         self._url: str | None = None
         self._runner: web.AppRunner | None = None
+        self._bound: tuple[str, int] | None = None
 
     def _build_app(self) -> web.Application:
         """All four APIs and the output files on one application."""
@@ -71,7 +78,16 @@ class Emulator:
         app.router.add_get("/_emulator/control", self._serve_control)
         app.router.add_post("/_emulator/control", self._control)
         app.on_cleanup.append(self._on_cleanup)
+        app.middlewares.append(self._keep_alive)
         return app
+
+    @web.middleware
+    async def _keep_alive(self, request: web.Request, handler: WebHandler) -> web.StreamResponse:
+        """Close each connection after its answer when `config.keep_alive` is off."""
+        response = await handler(request)
+        if not self._core.config.keep_alive:
+            response.force_close()
+        return response
 
     async def _serve_stats(self, request: web.Request) -> web.Response:
         """The counters, for tests and benchmarks that run the emulator in another process."""
@@ -175,9 +191,24 @@ class Emulator:
         await web.TCPSite(runner, host, port).start()
         self._runner = runner
         bound_host, bound_port = runner.addresses[0][:2]
+        self._bound = (bound_host, bound_port)
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self._url = f"http://{shown}:{bound_port}"
         return self._url
+
+    async def refuse_connections(self) -> None:
+        """Stop listening: new connections are refused (answers under way still finish)."""
+        if self._runner is None:
+            raise RuntimeError("Emulator not started: await emu.start() first")
+        for site in list(self._runner.sites):
+            await site.stop()
+
+    async def accept_connections(self) -> None:
+        """Listen again on the same address, after `refuse_connections()`."""
+        if self._runner is None or self._bound is None:
+            raise RuntimeError("Emulator not started: await emu.start() first")
+        if not self._runner.sites:
+            await web.TCPSite(self._runner, *self._bound).start()
 
     async def close(self) -> None:
         """Stop serving, release the port, cancel pending webhook deliveries."""

@@ -79,6 +79,8 @@ class EmulatorConfig:
     get3w_balance: dict[str, int] = field(default_factory=dict)  # Get3W key -> creates left (read once)
     down: set[str] = field(default_factory=set)  # providers whose every request loses its connection
     revoked_keys: set[str] = field(default_factory=set)  # Bearer keys refused with 401 by every provider
+    # False: every answer closes its connection, so `refuse_connections()` refuses every next request.
+    keep_alive: bool = True
 
     def mean_duration(self, model: str) -> float:
         """Mean job duration of `model`, from `durations` or the default."""
