@@ -56,6 +56,10 @@ from .models import TaskResult
 
 if TYPE_CHECKING:
     from ._handle import TaskHandle
+    from .router import Router
+
+# The journal of a batch through a router is bound to this name; each row records its route.
+ROUTER_JOURNAL = "router"
 
 log = logging.getLogger("image_gen_async")
 
@@ -698,6 +702,36 @@ class _OneClient:
         return None
 
 
+@attrs.frozen
+class _Routed:
+    """A batch through a router: each job on the lane that can start it, its route journaled."""
+
+    router: Router
+
+    @property
+    def name(self) -> str:
+        return ROUTER_JOURNAL
+
+    @property
+    def stopped(self) -> bool:
+        return self.router.stopped
+
+    async def submit(
+        self, *, prompt: str, timeout: float | None, before_create: Callable[[], object], **params: Any
+    ) -> TaskHandle:
+        return await self.router.submit(prompt=prompt, timeout=timeout, before_create=before_create, **params)
+
+    def resume(
+        self, task_id: str, route: str | None, *, estimated_duration: float | None, timeout: float | None
+    ) -> TaskHandle:
+        if route is None:
+            raise ConfigurationError(f"the journal names no route for task {task_id}: it cannot be polled")
+        return self.router.resume(task_id, route, estimated_duration=estimated_duration, timeout=timeout)
+
+    def route_of(self, handle: TaskHandle) -> str | None:
+        return handle.route
+
+
 @attrs.define(eq=False)
 class _Batch:
     """One run of a batch: the loop that feeds jobs and what each job does."""
@@ -1080,7 +1114,7 @@ class _Batch:
         files: list[str] | None = None,
         urls: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        return {
+        record = {
             "line": line,
             "prompt": prompt,
             "task_id": task_id,
@@ -1089,6 +1123,10 @@ class _Batch:
             "urls": list(urls),
             "error": storable(error),
         }
+        if isinstance(self.dest, _Routed):
+            row = self.journal.get(line)
+            record["route"] = row.route if row is not None else None
+        return record
 
     def finish(
         self,
@@ -1126,11 +1164,47 @@ async def _credit_budget(client: ProviderClient, model: str, max_credits: float)
     return CreditBudget(float(max_credits), cost)
 
 
+Jobs = Iterable[JobSpec | InvalidSpec | None]
+
+
+async def _destination(
+    session: AsyncSession,
+    client_name: object,
+    model: object,
+    jobs: Jobs | None,
+    max_credits: float | None,
+) -> tuple[_OneClient | _Routed, Jobs, CreditBudget | None]:
+    """Where the jobs go (a client and model, or a router), the jobs, and the credit budget."""
+    from .router import Router
+
+    if isinstance(client_name, Router):
+        if jobs is not None:
+            raise ConfigurationError("run_batch(session, router, jobs) takes no model: its targets name them")
+        if max_credits is not None:
+            raise ConfigurationError("max_credits is for a batch on one client (its model has one price)")
+        if client_name.stopped:
+            raise ConfigurationError("every lane of the router is stopped by an earlier answer; fix it first")
+        return _Routed(client_name), cast(Jobs, model), None
+    if not isinstance(client_name, str) or not isinstance(model, str) or jobs is None:
+        raise ConfigurationError(
+            "run_batch takes (session, client_name, model, jobs) or (session, router, jobs)"
+        )
+    client = session.client(client_name)
+    client.check_ready()
+    if client.blocked is not None:
+        raise ConfigurationError(
+            f"{client.name} is stopped by an earlier answer ({client.blocked}); fix the cause, then "
+            "call client.unblock() (or use a new session) and run the batch again"
+        )
+    budget = None if max_credits is None else await _credit_budget(client, model, max_credits)
+    return _OneClient(client, model), jobs, budget
+
+
 async def run_batch(
     session: AsyncSession,
-    client_name: str,
-    model: str,
-    jobs: Iterable[JobSpec | InvalidSpec | None],
+    client_name: str | Router,
+    model: str | Jobs,
+    jobs: Jobs | None = None,
     *,
     out_dir: str | os.PathLike[str],
     journal: str | os.PathLike[str] | None = None,
@@ -1146,6 +1220,12 @@ async def run_batch(
     max_credits: float | None = None,
 ) -> BatchStats:
     """Run every job of ``jobs`` on ``client_name``/``model``; files and results.jsonl go to ``out_dir``.
+
+    ``run_batch(session, router, jobs, ...)`` runs them through a router instead
+    (``session.router([...])``): each job on the lane that can start it soonest, the journal
+    recording each job's route with its task id, so a rerun polls the right provider and key
+    (a route no longer in the router leaves its job unfinished); one lane's account stop moves
+    jobs to the others, and the batch stops only when every lane's key is stopped.
 
     ``jobs`` yields job specs (``{"prompt": ..., **params}``), numbered from 1 in order;
     ``None`` items are placeholders (blank lines) and skipped. It is read lazily, so it may
@@ -1181,20 +1261,14 @@ async def run_batch(
     ):
         # Checked once here: every job's submit() would refuse it, each as a failed job.
         raise ConfigurationError(f"timeout must be a number of seconds above 0, got {timeout!r}")
-    client = session.client(client_name)
-    client.check_ready()
-    if client.blocked is not None:
-        raise ConfigurationError(
-            f"{client.name} is stopped by an earlier answer ({client.blocked}); fix the cause, then "
-            "call client.unblock() (or use a new session) and run the batch again"
-        )
-    budget = None if max_credits is None else await _credit_budget(client, model, max_credits)
+    where, jobs, budget = await _destination(session, client_name, model, jobs, max_credits)
     directory = Path(out_dir)
     stats = BatchStats(total=total)
-    with _opened(directory, None if journal is None else Path(journal), client.name, model) as (db, results):
+    journal_path = None if journal is None else Path(journal)
+    bound_model = where.model if isinstance(where, _OneClient) else ""
+    with _opened(directory, journal_path, where.name, bound_model) as (db, results):
         options = _Options(download, retry_failed, resubmit_uncertain, max_bytes, timeout)
         gate = _Gate(pauses or PauseSettings(), stats, lambda: on_progress(stats) if on_progress else None)
-        where = _OneClient(client, model)
         batch = _Batch(session, where, directory, db, results, stats, options, on_progress, gate, budget)
         try:
             await batch.feed(jobs, concurrency)
