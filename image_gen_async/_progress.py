@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from .batch import BatchStats
+from .router import LaneStats
 
 # Seconds between two plain progress lines when there is no terminal.
 PLAIN_INTERVAL = 1.0
@@ -143,6 +144,23 @@ SUMMARY_COLUMNS = (
     "credits",
     "seconds",
 )
+
+
+LANE_COLUMNS = ("target", "created", "refused", "failed over", "failed", "in flight", "credits", "health")
+
+
+def lane_row(lane: LaneStats) -> list[object]:
+    """One router lane's figures, in ``LANE_COLUMNS`` order."""
+    return [
+        lane.label,
+        lane.created,
+        lane.refused,
+        lane.failed_over,
+        lane.failed,
+        lane.in_flight,
+        lane.credits,
+        lane.health,
+    ]
 
 
 def summary_row(label: str, stats: BatchStats) -> list[object]:

@@ -19,7 +19,15 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from . import AsyncSession, ImageGenError, InvalidRequestError, PollSettings, __version__, _config
-from ._progress import SUMMARY_COLUMNS, BatchDisplay, make_console, print_table, summary_row
+from ._progress import (
+    LANE_COLUMNS,
+    SUMMARY_COLUMNS,
+    BatchDisplay,
+    lane_row,
+    make_console,
+    print_table,
+    summary_row,
+)
 from .batch import (
     DEFAULT_CONCURRENCY,
     RESERVED_KEYS,
@@ -33,6 +41,7 @@ from .download import DEFAULT_MAX_BYTES
 from .errors import ConfigurationError
 from .models import TaskStatus
 from .providers import CODECS
+from .router import Target
 
 T = TypeVar("T")
 
@@ -107,6 +116,17 @@ def non_negative_float(text: str) -> float:
     return _checked(value, _config.number_problem(value, low_inclusive=True))
 
 
+def target(text: str) -> Target:
+    """``PROVIDER:MODEL`` (split at the first colon: model ids may hold slashes)."""
+    provider, sep, model = text.partition(":")
+    if not sep or not model.strip():
+        raise argparse.ArgumentTypeError(f"expected PROVIDER:MODEL, got {text!r}")
+    try:
+        return Target(provider.strip(), model.strip())
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def base_url(text: str) -> str:
     """An http(s) origin (a path prefix allowed); the message never repeats credentials."""
     return _checked(text, _config.origin_problem(text))
@@ -122,10 +142,12 @@ def _provider_options() -> argparse.ArgumentParser:
     """Options every command that talks to a provider takes."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("provider")
-    group.add_argument("--provider", required=True, choices=list(CODECS), help="the API to use")
-    group.add_argument("--model", required=True, help="the provider's model id, e.g. nano-banana-pro")
+    group.add_argument("--provider", choices=list(CODECS), help="the API to use")
+    group.add_argument("--model", help="the provider's model id, e.g. nano-banana-pro")
     group.add_argument(
-        "--base-url", type=base_url, help="origin of the API (default: the provider's public host)"
+        "--base-url",
+        type=base_url,
+        help="origin of the API (default: the provider's public host; with --target, of every target's)",
     )
     group.add_argument(
         "--rate", type=positive_float, help="creates per second (default: dh3 3, others unpaced)"
@@ -195,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"Images, {RESULTS_NAME} and the journal go to DIR; rerunning on DIR resumes.",
     )
     batch.add_argument("file", type=Path, metavar="FILE.jsonl")
+    batch.add_argument(
+        "--target",
+        type=target,
+        action="append",
+        default=[],
+        metavar="PROVIDER:MODEL",
+        help="instead of --provider/--model: route the jobs over these targets, repeatable, in order "
+        "of preference (dh3:nano-banana-pro); --rate and --max-concurrent apply to each",
+    )
     batch.add_argument("-o", "--out-dir", type=Path, required=True, metavar="DIR")
     batch.add_argument(
         "--concurrency",
@@ -294,19 +325,36 @@ def _configure_logging(verbose: int) -> None:
     logger.addHandler(handler)
 
 
+def _providers(args: argparse.Namespace) -> list[str]:
+    """The APIs this command talks to: ``--provider``, or every ``--target``'s; usage checked."""
+    targets: list[Target] = getattr(args, "target", [])
+    if targets:
+        if args.provider is not None or args.model is not None:
+            raise UsageError("give --target, or --provider with --model, not both")
+        return list(dict.fromkeys(target.provider for target in targets))
+    if args.provider is None or args.model is None:
+        also = " (or --target PROVIDER:MODEL)" if hasattr(args, "target") else ""
+        raise UsageError(f"--provider and --model are required{also}")
+    return [args.provider]
+
+
 def _session(args: argparse.Namespace) -> AsyncSession:
-    """A session for the one provider of this command, keys from the environment."""
-    name = args.provider
+    """A session for the providers of this command, keys from the environment."""
+    names = _providers(args)
+
+    def each(value: T | None) -> dict[str, T] | None:
+        return dict.fromkeys(names, value) if value is not None else None
+
     return AsyncSession(
-        base_urls={name: args.base_url} if args.base_url is not None else None,
-        rate_limits={name: args.rate} if args.rate is not None else None,
+        base_urls=each(args.base_url),
+        rate_limits=each(args.rate),
         polling=PollSettings(
             first_poll=args.first_poll,
             min_interval=args.min_poll_interval,
             max_interval=max(30.0, args.min_poll_interval),
         ),
         task_timeout=args.timeout or 3600.0,
-        max_concurrent={name: args.max_concurrent} if args.max_concurrent is not None else None,
+        max_concurrent=each(args.max_concurrent),
     )
 
 
@@ -324,6 +372,7 @@ async def _generate(args: argparse.Namespace, console: Console) -> int:
     params = dict(args.param)
     for reserved in sorted((RESERVED_KEYS | {"prompt"}) & set(params)):
         raise UsageError(f"--param {reserved}=... is not a provider parameter")
+    _providers(args)
     if args.stream and not CODECS[args.provider].has_stream_mode:
         raise UsageError(f"--stream: {args.provider} has no stream mode (nananobanana has)")
     async with _session(args) as session:
@@ -362,30 +411,36 @@ async def _batch(args: argparse.Namespace, console: Console) -> int:
     if not args.file.is_file():
         raise UsageError(f"{args.file}: no such file")
     total = count_jobs(args.file)
-    label = f"{args.provider} {args.model}"
+    providers = _providers(args)
+    label = "router" if args.target else f"{args.provider} {args.model}"
     async with _session(args) as session:
-        _require_key(session, args.provider)
+        for name in providers:
+            _require_key(session, name)
+        router = session.router(args.target) if args.target else None
         with BatchDisplay(console) as display:
-            stats = await run_batch(
-                session,
-                args.provider,
-                args.model,
-                read_jsonl(args.file),
-                out_dir=args.out_dir,
-                download=not args.no_download,
-                concurrency=args.concurrency,
-                retry_failed=args.retry_failed,
-                resubmit_uncertain=args.resubmit_uncertain,
-                max_bytes=args.max_bytes,
-                total=total,
-                on_progress=display.track(label, total),
-                pauses=PauseSettings(
+            options: dict[str, Any] = {
+                "out_dir": args.out_dir,
+                "download": not args.no_download,
+                "concurrency": args.concurrency,
+                "retry_failed": args.retry_failed,
+                "resubmit_uncertain": args.resubmit_uncertain,
+                "max_bytes": args.max_bytes,
+                "total": total,
+                "on_progress": display.track(label, total),
+                "pauses": PauseSettings(
                     first=args.first_pause,
                     cap=max(args.first_pause, PauseSettings().cap),
                     max_pauses=args.max_pauses,
                 ),
-                max_credits=args.max_credits,
-            )
+                "max_credits": args.max_credits,
+            }
+            jobs = read_jsonl(args.file)
+            if router is not None:
+                stats = await run_batch(session, router, jobs, **options)
+            else:
+                stats = await run_batch(session, args.provider, args.model, jobs, **options)
+    if router is not None:
+        print_table(console, "targets", LANE_COLUMNS, [lane_row(lane) for lane in router.stats.values()])
     print_table(console, "batch summary", SUMMARY_COLUMNS, [summary_row(label, stats)])
     console.print(f"results: {args.out_dir / RESULTS_NAME}", highlight=False, soft_wrap=True)
     if stats.uncertain:

@@ -131,3 +131,25 @@ async def test_routed_batch_arguments_are_checked_before_anything_is_sent(
         with pytest.raises(ConfigurationError, match="max_credits"):
             await run_batch(session, router, jobs(1), out_dir=tmp_path, max_credits=5)
     assert sum(emu.stats.create_requests.values()) == 0
+
+
+async def test_the_cli_batch_routes_over_targets_and_resumes(
+    emu: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from image_gen_async import cli
+
+    for name, variable in (("get3w", "GET3W"), ("dh3", "DH3"), ("nananobanana", "NANANOBANANA")):
+        monkeypatch.setenv(f"{variable}_API_KEY", KEYS[name])
+    source = tmp_path / "jobs.jsonl"
+    source.write_text("".join(f'{{"prompt": "fox {index}"}}\n' for index in range(12)))
+    targets = [f"--target={target.provider}:{target.model}" for target in THREE]
+    argv = ["batch", str(source), "-o", str(tmp_path / "out"), *targets, "--base-url", emu.url]
+    argv += ["--rate", "500", "--first-poll", "0.02", "--min-poll-interval", "0.005"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "targets" in out and "dh3:nano-banana-pro#" in out and "12/12 finished" in out
+    assert sum(emu.stats.creates.values()) == 12
+    assert await asyncio.to_thread(cli.main, argv) == 0  # a rerun: every job skipped, none created
+    assert sum(emu.stats.creates.values()) == 12
+    assert await asyncio.to_thread(cli.main, [*argv, "--provider", "dh3"]) == 2
+    assert "not both" in capsys.readouterr().err
