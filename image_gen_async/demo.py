@@ -1,9 +1,12 @@
-"""The demo: a batch on each of the four APIs against the built-in emulator, no keys needed.
+"""The demo: a batch on each of the four APIs, and one routed over three providers, against
+the built-in emulator, no keys needed.
 
 ``image-gen-async demo`` (``python -m image_gen_async.demo`` is an alias) starts the
 emulator on loopback, runs ``--jobs`` jobs per API through ``run_batch`` at once, under
 a scaled dh3 limit, with a live progress bar; it writes real PNGs and prints what the
-client did next to what the emulator counted.
+client did next to what the emulator counted. Beside them, ``--jobs`` jobs of one model
+(Nano Banana) go through a router over dh3, Get3W and nananobanana on a second emulator
+whose accounts each run only a few tasks at once, so the batch fills all three.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
-from . import AsyncSession, ConfigurationError, PollSettings
-from ._progress import BatchDisplay, print_table
+from . import AsyncSession, ConfigurationError, PollSettings, Target
+from ._progress import LANE_COLUMNS, BatchDisplay, lane_row, print_table
 from .batch import JOURNAL_NAME, BatchStats, JobSpec, read_results, run_batch
 from .providers import EXAMPLE_MODELS
 from .testing import EmulatorProcess
@@ -27,6 +30,14 @@ MODELS = EXAMPLE_MODELS
 DH3_RATE = 40.0  # the real dh3 limit is 3/s; time in the demo runs ~13x faster
 ASPECT_RATIOS = ("1:1", "16:9", "3:4")  # the emulator shapes each PNG to the one asked for
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# One model under three providers' names, and what each account runs at once in the demo.
+ROUTED = (
+    Target("dh3", "nano-banana-pro"),
+    Target("get3w", "google/nano-banana-pro/text-to-image"),
+    Target("nananobanana", "nano-banana"),
+)
+ROUTED_CAPS = {"dh3": 6, "get3w": 8, "nananobanana": 4}
+ROUTER = "router"
 
 
 def demo_jobs(name: str, count: int) -> Iterator[JobSpec]:
@@ -39,7 +50,7 @@ def _out_dir(chosen: Path | None) -> Path:
     if chosen is None:
         return Path(tempfile.mkdtemp(prefix="image-gen-async-demo-"))
     # A fresh emulator knows none of an earlier run's tasks, so resuming one cannot work.
-    if any((chosen / name / JOURNAL_NAME).exists() for name in MODELS):
+    if any((chosen / name / JOURNAL_NAME).exists() for name in (*MODELS, ROUTER)):
         raise ConfigurationError(f"{chosen} holds an earlier demo: give a new directory")
     return chosen
 
@@ -47,73 +58,94 @@ def _out_dir(chosen: Path | None) -> Path:
 async def run_demo(jobs: int, duration: float, out_dir: Path | None, console: Console) -> int:
     """Run the demo; 0 when every job ended as the emulator decided and each was created once."""
     directory = _out_dir(out_dir)
-    # In its own process, as a provider would be: in this one, the batches' own work would
-    # delay the server's clock and bunch creates that were sent evenly.
-    async with EmulatorProcess(
-        *("--duration", str(duration), "--duration-spread", "0.1", "--failure-rate", "0.02"),
-        *("--dh3-qps", str(DH3_RATE), "--no-record"),
-    ) as emulator:
+    common = ("--duration", str(duration), "--duration-spread", "0.1", "--failure-rate", "0.02")
+    caps = [arg for account, cap in ROUTED_CAPS.items() for arg in ("--max-concurrent", f"{account}={cap}")]
+    # In their own processes, as providers would be: in this one, the batches' own work would
+    # delay the servers' clocks and bunch creates that were sent evenly.
+    async with (
+        EmulatorProcess(*common, "--dh3-qps", str(DH3_RATE), "--no-record") as emulator,
+        EmulatorProcess(*common, "--dh3-qps", str(DH3_RATE), "--no-record", *caps) as routed,
+    ):
         console.print(
-            f"emulator on {emulator.url}; {jobs} jobs on each of {', '.join(MODELS)}", highlight=False
+            f"emulator on {emulator.url}; {jobs} jobs on each of {', '.join(MODELS)}; "
+            f"{jobs} more routed over {', '.join(target.provider for target in ROUTED)} on {routed.url} "
+            f"(at most {', '.join(f'{n} {a}' for a, n in ROUTED_CAPS.items())} tasks at once)",
+            highlight=False,
         )
-        polling = PollSettings(first_poll=duration / 2, min_interval=0.01, max_interval=1.0)
-        async with AsyncSession(
-            api_keys=dict.fromkeys(MODELS, "demo-key"),
-            base_urls=dict.fromkeys(MODELS, emulator.url),
-            rate_limits={"dh3": DH3_RATE},
-            # The emulator shares this machine's cores with the demo, which keeps them busy:
-            # when its process is scheduled late it counts several arrivals at once. A wider
-            # jitter budget than the default 25 ms keeps its count honest on a small machine.
-            rate_limit_margin=0.06,
-            polling=polling,
-        ) as session:
+        async with _session(emulator.url, duration) as session, _session(routed.url, duration) as on_routed:
+            router = on_routed.router(list(ROUTED))
             with BatchDisplay(console) as display:
-                results = await asyncio.gather(
-                    *(
-                        run_batch(
-                            session,
-                            name,
-                            model,
-                            demo_jobs(name, jobs),
-                            out_dir=directory / name,
-                            total=jobs,
-                            on_progress=display.track(name, jobs),
-                        )
-                        for name, model in MODELS.items()
+                batches = [
+                    run_batch(
+                        session,
+                        name,
+                        model,
+                        demo_jobs(name, jobs),
+                        out_dir=directory / name,
+                        total=jobs,
+                        on_progress=display.track(name, jobs),
+                    )
+                    for name, model in MODELS.items()
+                ]
+                batches.append(
+                    run_batch(
+                        on_routed,
+                        router,
+                        demo_jobs(ROUTER, jobs),
+                        out_dir=directory / ROUTER,
+                        total=jobs,
+                        on_progress=display.track(ROUTER, jobs),
                     )
                 )
+                results = await asyncio.gather(*batches)
+            lanes = list(router.stats.values())
         counted = await emulator.stats()
-    return _report(dict(zip(MODELS, results, strict=True)), counted, directory, console)
+        counted_routed = await routed.stats()
+    stats = dict(zip((*MODELS, ROUTER), results, strict=True))
+    print_table(console, "router targets", LANE_COLUMNS, [lane_row(lane) for lane in lanes])
+    return _report(stats, counted, counted_routed, directory, console)
 
 
-def _report(stats: dict[str, BatchStats], counted: dict[str, Any], directory: Path, console: Console) -> int:
-    """The summary table, and whether the client's view matches the emulator's counters."""
+def _session(url: str, duration: float) -> AsyncSession:
+    """A session with every client on the emulator at ``url``."""
+    return AsyncSession(
+        api_keys=dict.fromkeys(MODELS, "demo-key"),
+        base_urls=dict.fromkeys(MODELS, url),
+        rate_limits={"dh3": DH3_RATE},
+        # The emulator shares this machine's cores with the demo, which keeps them busy:
+        # when its process is scheduled late it counts several arrivals at once. A wider
+        # jitter budget than the default 25 ms keeps its count honest on a small machine.
+        rate_limit_margin=0.06,
+        polling=PollSettings(first_poll=duration / 2, min_interval=0.01, max_interval=1.0),
+    )
+
+
+def _report(
+    stats: dict[str, BatchStats],
+    counted: dict[str, Any],
+    counted_routed: dict[str, Any],
+    directory: Path,
+    console: Console,
+) -> int:
+    """The summary table, and whether the client's view matches the emulators' counters."""
     columns = ("api", "jobs", "done", "failed", "PNGs", "creates", "max/1s", "429s", "polls/job", "seconds")
     rows: list[list[object]] = []
-    failed_here: set[str] = set()
+    failed_here: dict[str, set[str]] = {"": set(), ROUTER: set()}
     consistent = True
     for name, batch in stats.items():
-        failed_here |= {r["task_id"] for r in read_results(directory / name) if r["status"] == "failed"}
+        failed = {r["task_id"] for r in read_results(directory / name) if r["status"] == "failed"}
+        failed_here["" if name != ROUTER else ROUTER] |= failed
         pngs = sum(1 for path in (directory / name).glob("*.png") if path.read_bytes()[:8] == PNG_SIGNATURE)
         jobs = batch.total or 0
-        creates = counted["creates"].get(name, 0)
+        # The routed batch is the only user of its emulator: every provider's count is its own.
+        creates, most, limited, polls = _counts(counted_routed) if name == ROUTER else _counts(counted, name)
         consistent &= batch.done + batch.failed == jobs and creates == jobs and pngs == batch.done
-        rows.append(
-            [
-                name,
-                jobs,
-                batch.done,
-                batch.failed,
-                pngs,
-                creates,
-                counted["max_creates_in_1s"].get(name, 0),
-                counted["rate_limited"].get(name, 0),
-                counted["polls"].get(name, 0) / max(1, jobs),
-                batch.elapsed,
-            ]
-        )
-    # The jobs that failed are exactly those the emulator decided to fail.
-    consistent &= failed_here == set(counted["failed_tasks"])
+        per_job = polls / max(1, jobs)
+        rows.append([name, jobs, batch.done, batch.failed, pngs, creates, most, limited, per_job])
+        rows[-1].append(batch.elapsed)
+    # The jobs that failed are exactly those the emulators decided to fail.
+    consistent &= failed_here[""] == set(counted["failed_tasks"])
+    consistent &= failed_here[ROUTER] == set(counted_routed["failed_tasks"])
     print_table(console, "demo summary", columns, rows)
     verdict = (
         "every job created exactly once and ended as the emulator decided"
@@ -126,6 +158,17 @@ def _report(stats: dict[str, BatchStats], counted: dict[str, Any], directory: Pa
         soft_wrap=True,
     )
     return 0 if consistent else 1
+
+
+def _counts(counted: dict[str, Any], name: str | None = None) -> tuple[int, int, int, int]:
+    """Creates, most creates in one second, 429s and polls: of ``name``, or of every API summed."""
+    names = [name] if name is not None else list(counted["creates"])
+
+    def total(figure: str) -> int:
+        return sum(counted[figure].get(each, 0) for each in names)
+
+    most = max((counted["max_creates_in_1s"].get(each, 0) for each in names), default=0)
+    return total("creates"), most, total("rate_limited"), total("polls")
 
 
 def main(argv: list[str] | None = None) -> int:
