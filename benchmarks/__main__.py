@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import capacity, overhead, polling, ratelimit, scale, syncmode
+from . import capacity, overhead, polling, ratelimit, routing, scale, syncmode
 from ._common import Row, raise_file_limit
 
 SECTIONS: dict[str, Callable[[], Awaitable[list[Row]]]] = {
@@ -19,6 +19,7 @@ SECTIONS: dict[str, Callable[[], Awaitable[list[Row]]]] = {
     "scale": scale.run,
     "syncmode": syncmode.run,
     "capacity": capacity.run,
+    "routing": routing.run,
 }
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
