@@ -72,8 +72,12 @@ class Follow:
         webhook: bool = False,
         learn: bool = True,
         events: EventStream | None = None,
+        sent_at: float | None = None,
     ) -> None:
         """Follow an accepted task to its end in the background (after a webhook wait, if any).
+
+        ``sent_at`` (loop clock): when its create went out, where the task's age starts (the
+        provider made it between then and its answer; a busy loop reads the answer late).
 
         ``events``: the open stream of a stream create, read until the job ends; polling takes
         over if it drops. ``learn=False`` (a resumed task, whose ages do not count from its start) keeps its
@@ -91,7 +95,7 @@ class Follow:
             )
             return
         try:
-            follower = Follower(self, target, handle, snapshot, timeout, learn=learn)
+            follower = Follower(self, target, handle, snapshot, timeout, learn=learn, sent_at=sent_at)
             handle._on_cancel = follower.cancel
             self.followers.add(follower)
             follower.begin(webhook=webhook, events=events)
@@ -157,10 +161,21 @@ class Follow:
         if result.status is TaskStatus.COMPLETED:
             if took is not None:
                 key = (target.name, handle.model)
+                first = not self.planner.warm(key)
                 self.planner.completed(key, handle, took[0], took[1], handle.estimated_duration)
+                if first:
+                    self._replan(key)
             handle.resolve(result)
         else:
             handle.fail(failure_error(target, result))
+
+
+    def _replan(self, key: tuple[str, str]) -> None:
+        """The model's first job is done: its sleeping jobs plan again with what it showed (a
+        burst's jobs slept on guesses, and the quickest may be done by now)."""
+        for follower in list(self.followers):
+            if follower.key == key:
+                follower.replan()
 
 
 def failure_error(target: Target, result: TaskResult) -> TaskFailedError:
@@ -206,6 +221,7 @@ class Follower:
         "_task",
         "_timer",
         "_url",
+        "_waiting_callback",
         "_warned",
         "accepted",
         "deadline",
@@ -220,6 +236,7 @@ class Follower:
         timeout: float | None,
         *,
         learn: bool = True,
+        sent_at: float | None = None,
     ) -> None:
         self._follow = follow
         # A resumed job's ages count from the resume, not from its start: they teach nothing.
@@ -227,10 +244,12 @@ class Follower:
         self._target = target
         self._handle = handle
         self._loop = asyncio.get_running_loop()
-        # Ages count from now, when the create's answer came back.
-        self.accepted = self._loop.time()
+        # Ages count from when the create went out (else from now, its answer): the task
+        # exists from a moment in between, and an answer read late must not age it less.
+        now = self._loop.time()
+        self.accepted = min(sent_at, now) if sent_at else now
         span = follow.settings.task_timeout if timeout is None else timeout
-        self.deadline = self.accepted + span
+        self.deadline = now + span
         self._last_look = self.deadline - min(LAST_LOOK_MAX, span * LAST_LOOK_SHARE)
         self._key = (target.name, handle.model)
         self._request = follow.poll_request(target, handle, snapshot.poll_url)
@@ -242,6 +261,7 @@ class Follower:
         self._context = contextvars.copy_context()
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._waiting_callback = False  # the timer is the webhook's safety net, not a poll
         self._events: EventStream | None = None  # a stream create's open stream, while read
         # The task id is ours until an event names the provider's: no poll can find it.
         self._provisional = snapshot.provisional
@@ -262,6 +282,18 @@ class Follower:
     def handle(self) -> TaskHandle:
         """The job's handle."""
         return self._handle
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The provider and model whose durations the planner learns this job by."""
+        return self._key
+
+    def replan(self) -> None:
+        """Plan the next poll again now (new knowledge), if one is waiting on its timer."""
+        if self._timer is not None and self._task is None and not self._waiting_callback:
+            self._timer.cancel()
+            # At once, in the job's own context (it may poll), never the finishing job's.
+            self._timer = self._loop.call_at(self._loop.time(), self._plan, context=self._context)
 
     @property
     def polling(self) -> asyncio.Task[None] | None:
@@ -297,6 +329,7 @@ class Follower:
         noticed by that, not by the wait fixed at submit time.
         """
         self._timer = None
+        self._waiting_callback = False
         follow, now = self._follow, self._loop.time()
         upper = follow.planner.upper_bound(self._key, self._handle.estimated_duration)
         due = min(self.accepted + webhook_wait(upper, follow.settings.polling), self._last_look)
@@ -306,6 +339,7 @@ class Follower:
             return
         recheck = now + max(follow.settings.polling.webhook_grace, now - self.accepted)
         self._timer = self._loop.call_at(min(due, recheck), self._await_callback, context=self._context)
+        self._waiting_callback = True
 
     def _plan(self) -> None:
         """Arm the timer for the next poll, or send it now if it is due."""

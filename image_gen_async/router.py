@@ -473,7 +473,13 @@ class Router:
             elapsed = asyncio.get_running_loop().time() - created.sent_at
             took = (elapsed, elapsed)
         handle = lane.client._follow(
-            created.snapshot, lane.model, created.retries, job.timeout, took=took, slot=slot
+            created.snapshot,
+            lane.model,
+            created.retries,
+            job.timeout,
+            took=took,
+            slot=slot,
+            sent_at=created.sent_at,
         )
         self._track(lane, handle, counted=True)
         return handle
