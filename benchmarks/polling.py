@@ -6,6 +6,13 @@ submitting: a steady rate (50 per second; cold = the first 50, warm = the next 2
 bursts of 50 gathered at once, each once the one before is done (cold = the first burst,
 for a model nothing is known about; warm = the next four). Time is scaled: a 27 s job
 takes 1 s, so 3 s polling becomes 0.111 s.
+
+Detection lag is measured at the server: from a job's end to the arrival of the poll that
+found it done. What follows (the answer's way back and its handling) runs in the one event
+loop that also serves the emulator and every other job's polls; that CPU time is not
+scaled with the clock, so it weighs 27x what it would against real jobs (in a burst, 50
+polls due together queue behind each other for 10-50 ms: 1-5 % of a 1 s job, 0.05-0.2 % of
+a 27 s one). The lag as the caller saw it (its done callback) is shown next to it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import attrs
+from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from image_gen_async import TaskHandle
 from image_gen_async.testing import Emulator, EmulatorConfig
@@ -50,6 +59,8 @@ class Outcome:
     warm_polls: float
     cold_lag: float
     warm_lag: float
+    cold_seen_lag: float  # as the caller saw it: at its done callback
+    warm_seen_lag: float
 
 
 def emulator_config(bias: float | None) -> EmulatorConfig:
@@ -62,17 +73,45 @@ def emulator_config(bias: float | None) -> EmulatorConfig:
     )
 
 
-def summarise(emulator: Emulator, polls: list[int], resolved: list[tuple[str, float]]) -> Outcome:
-    """Split the jobs into cold and warm and measure each part."""
-    lags = []
-    for task_id, when in resolved:
+def watch_polls(emulator: Emulator) -> dict[str, float]:
+    """Task id -> when its latest poll arrived at the server (polling stops at the one that
+    saw it done). Installed before the emulator starts; costs a dict write per request."""
+    arrivals: dict[str, float] = {}
+
+    @web.middleware
+    async def note(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "GET":
+            task_id = request.match_info.get("id") or request.query.get("task_id")
+            if task_id:
+                arrivals[task_id] = time.monotonic()
+        return await handler(request)
+
+    emulator.app.middlewares.append(note)
+    return arrivals
+
+
+def lags(emulator: Emulator, when: Sequence[tuple[str, float]]) -> list[float]:
+    """Each job's detection lag as a share of its duration, ``when`` it was seen done."""
+    shares = []
+    for task_id, at in when:
         task = emulator.tasks[task_id]
-        lags.append(max(0.0, when - task.finish_at) / task.duration)
+        shares.append(max(0.0, at - task.finish_at) / task.duration)
+    return shares
+
+
+def summarise(
+    emulator: Emulator, polls: list[int], resolved: list[tuple[str, float]], arrivals: dict[str, float]
+) -> Outcome:
+    """Split the jobs into cold and warm and measure each part."""
+    at_server = lags(emulator, [(task_id, arrivals[task_id]) for task_id, _ in resolved])
+    at_caller = lags(emulator, resolved)
     return Outcome(
         sum(polls[:COLD]) / COLD,
         sum(polls[COLD:]) / WARM,
-        p95(lags[:COLD]),
-        p95(lags[COLD:]),
+        p95(at_server[:COLD]),
+        p95(at_server[COLD:]),
+        p95(at_caller[:COLD]),
+        p95(at_caller[COLD:]),
     )
 
 
@@ -97,7 +136,9 @@ SUBMIT = {"steady": steady, "burst": bursts}
 
 async def ours(mode: str, client: str, bias: float | None) -> Outcome:
     """The library, learning as it goes."""
-    async with Emulator(emulator_config(bias)) as emulator, session_for(emulator.url) as session:
+    emulator = Emulator(emulator_config(bias))
+    arrivals = watch_polls(emulator)
+    async with emulator, session_for(emulator.url) as session:
         handles: dict[int, TaskHandle] = {}
         resolved: dict[str, float] = {}
 
@@ -111,14 +152,15 @@ async def ours(mode: str, client: str, bias: float | None) -> Outcome:
 
         await SUBMIT[mode](start, wait_all)
         ordered = [handles[i] for i in range(COLD + WARM)]
-        return summarise(
-            emulator, [h.polls for h in ordered], [(h.task_id, resolved[h.task_id]) for h in ordered]
-        )
+        seen = [(h.task_id, resolved[h.task_id]) for h in ordered]
+        return summarise(emulator, [h.polls for h in ordered], seen, arrivals)
 
 
 async def fixed_interval(mode: str) -> Outcome:
     """The seeds' own loop: poll, and sleep 3 s (scaled) until the task is done."""
-    async with Emulator(emulator_config(None)) as emulator, aiohttp.ClientSession() as http:
+    emulator = Emulator(emulator_config(None))
+    arrivals = watch_polls(emulator)
+    async with emulator, aiohttp.ClientSession() as http:
         headers = {"Authorization": "Bearer bench-key"}
         polls = [0] * (COLD + WARM)
         resolved = [("", 0.0)] * (COLD + WARM)
@@ -148,7 +190,7 @@ async def fixed_interval(mode: str) -> Outcome:
             await asyncio.gather(*jobs)
 
         await SUBMIT[mode](start, wait_all)
-        return summarise(emulator, polls, resolved)
+        return summarise(emulator, polls, resolved, arrivals)
 
 
 def rows_for(mode: str, label: str, outcome: Outcome, baseline: Outcome) -> list[Row]:
@@ -174,9 +216,11 @@ def rows_for(mode: str, label: str, outcome: Outcome, baseline: Outcome) -> list
         ),
         Row(
             "polling",
-            f"{mode}, {label}: detection lag p95 cold / warm",
-            f"{outcome.cold_lag:.1%} / {outcome.warm_lag:.1%}",
-            f"{baseline.cold_lag:.1%} / {baseline.warm_lag:.1%} fixed 3 s",
+            f"{mode}, {label}: detection lag p95 cold / warm (at the caller)",
+            f"{outcome.cold_lag:.1%} / {outcome.warm_lag:.1%} "
+            f"({outcome.cold_seen_lag:.1%} / {outcome.warm_seen_lag:.1%})",
+            f"{baseline.cold_lag:.1%} / {baseline.warm_lag:.1%} "
+            f"({baseline.cold_seen_lag:.1%} / {baseline.warm_seen_lag:.1%}) fixed 3 s",
             f"<= {LAG_TARGET:.0%}",
             max(outcome.cold_lag, outcome.warm_lag) <= LAG_TARGET,
         ),
