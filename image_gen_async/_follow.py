@@ -161,21 +161,10 @@ class Follow:
         if result.status is TaskStatus.COMPLETED:
             if took is not None:
                 key = (target.name, handle.model)
-                first = not self.planner.warm(key)
                 self.planner.completed(key, handle, took[0], took[1], handle.estimated_duration)
-                if first:
-                    self._replan(key)
             handle.resolve(result)
         else:
             handle.fail(failure_error(target, result))
-
-
-    def _replan(self, key: tuple[str, str]) -> None:
-        """The model's first job is done: its sleeping jobs plan again with what it showed (a
-        burst's jobs slept on guesses, and the quickest may be done by now)."""
-        for follower in list(self.followers):
-            if follower.key == key:
-                follower.replan()
 
 
 def failure_error(target: Target, result: TaskResult) -> TaskFailedError:
@@ -221,7 +210,6 @@ class Follower:
         "_task",
         "_timer",
         "_url",
-        "_waiting_callback",
         "_warned",
         "accepted",
         "deadline",
@@ -261,7 +249,6 @@ class Follower:
         self._context = contextvars.copy_context()
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._waiting_callback = False  # the timer is the webhook's safety net, not a poll
         self._events: EventStream | None = None  # a stream create's open stream, while read
         # The task id is ours until an event names the provider's: no poll can find it.
         self._provisional = snapshot.provisional
@@ -282,18 +269,6 @@ class Follower:
     def handle(self) -> TaskHandle:
         """The job's handle."""
         return self._handle
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """The provider and model whose durations the planner learns this job by."""
-        return self._key
-
-    def replan(self) -> None:
-        """Plan the next poll again now (new knowledge), if one is waiting on its timer."""
-        if self._timer is not None and self._task is None and not self._waiting_callback:
-            self._timer.cancel()
-            # At once, in the job's own context (it may poll), never the finishing job's.
-            self._timer = self._loop.call_at(self._loop.time(), self._plan, context=self._context)
 
     @property
     def polling(self) -> asyncio.Task[None] | None:
@@ -329,7 +304,6 @@ class Follower:
         noticed by that, not by the wait fixed at submit time.
         """
         self._timer = None
-        self._waiting_callback = False
         follow, now = self._follow, self._loop.time()
         upper = follow.planner.upper_bound(self._key, self._handle.estimated_duration)
         due = min(self.accepted + webhook_wait(upper, follow.settings.polling), self._last_look)
@@ -339,7 +313,6 @@ class Follower:
             return
         recheck = now + max(follow.settings.polling.webhook_grace, now - self.accepted)
         self._timer = self._loop.call_at(min(due, recheck), self._await_callback, context=self._context)
-        self._waiting_callback = True
 
     def _plan(self) -> None:
         """Arm the timer for the next poll, or send it now if it is due."""
