@@ -9,13 +9,13 @@ from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 
 from .router_helpers import DH3, GET3W, NANA, prompts_created, session_on
 
-CAPS = {"get3w": 6, "dh3": 5, "nananobanana": 4}
-DURATION = 0.1
+CAPS = {"get3w": 12, "dh3": 10, "nananobanana": 8}
+DURATION = 0.2
 JOBS = 600
 
 
 async def test_600_jobs_over_three_capped_targets_take_the_summed_capacity() -> None:
-    """Within 1.15x of what the summed caps allow: 600 jobs / (6 + 5 + 4) places x 0.1 s = 4 s."""
+    """Within 1.15x of what the summed caps allow: 600 jobs / (12 + 10 + 8) places x 0.2 s = 4 s."""
     # The emulator runs in its own process, as providers would: in-process, its work would
     # share the client's event loop and the round trips would be the measure.
     caps = [arg for account, cap in CAPS.items() for arg in ("--max-concurrent", f"{account}={cap}")]
