@@ -398,15 +398,7 @@ class Follower:
             if self._learn:
                 follow.planner.running(self._key, handle, last_poll, handle.estimated_duration)
         except asyncio.CancelledError:
-            if self._task is not None:
-                # Cancelled from outside (not by cancel(), which lets go of the task first):
-                # nobody will poll this job any more, so its handle must say so.
-                self._end(
-                    SessionClosedError(
-                        f"polling of {target.name} task {handle.task_id} was cancelled; "
-                        "it may still finish: client.resume() picks it up"
-                    )
-                )
+            self._cancelled_from_outside("polling")
             raise
         except Exception as error:  # every failure ends on the handle, never in a lost task
             self._end(error)
@@ -447,19 +439,25 @@ class Follower:
                 return
             log.info("%s task %s: event stream dropped (%s); polling", target.name, handle.task_id, why)
         except asyncio.CancelledError:
-            if self._task is not None:  # cancelled from outside, not by cancel()
-                self._end(
-                    SessionClosedError(
-                        f"the event stream of {target.name} task {handle.task_id} was cancelled; "
-                        "it may still finish: client.resume() picks it up"
-                    )
-                )
+            self._cancelled_from_outside("the event stream")
             raise
         except Exception as error:  # every failure ends on the handle, never in a lost task
             self._end(error)
             return
         self._task = None
         self._plan()
+
+    def _cancelled_from_outside(self, what: str) -> None:
+        """The task following the job was cancelled, and not by ``cancel()`` (which lets go of it
+        first): nobody will follow this job any more, so its handle must say so."""
+        if self._task is not None:
+            handle = self._handle
+            self._end(
+                SessionClosedError(
+                    f"{what} of {self._target.name} task {handle.task_id} was cancelled; "
+                    "it may still finish: client.resume() picks it up"
+                )
+            )
 
     def _read_event(self, data: bytes) -> Snapshot | None:
         """One event about this job, or None for one to pass over (unreadable, another task's)."""

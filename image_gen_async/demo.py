@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,28 +75,17 @@ async def run_demo(jobs: int, duration: float, out_dir: Path | None, console: Co
         async with _session(emulator.url, duration) as session, _session(routed.url, duration) as on_routed:
             router = on_routed.router(list(ROUTED))
             with BatchDisplay(console) as display:
-                batches = [
-                    run_batch(
-                        session,
-                        name,
-                        model,
-                        demo_jobs(name, jobs),
-                        out_dir=directory / name,
-                        total=jobs,
-                        on_progress=display.track(name, jobs),
-                    )
-                    for name, model in MODELS.items()
-                ]
-                batches.append(
-                    run_batch(
-                        on_routed,
-                        router,
-                        demo_jobs(ROUTER, jobs),
-                        out_dir=directory / ROUTER,
-                        total=jobs,
-                        on_progress=display.track(ROUTER, jobs),
-                    )
-                )
+
+                def batch(name: str, on: AsyncSession, model: str | None = None) -> Awaitable[BatchStats]:
+                    """The demo's batch ``name``: on that client and model, or through the router."""
+                    specs, out = demo_jobs(name, jobs), directory / name
+                    options: dict[str, Any] = {"total": jobs, "on_progress": display.track(name, jobs)}
+                    if model is None:
+                        return run_batch(on, router, specs, out_dir=out, **options)
+                    return run_batch(on, name, model, specs, out_dir=out, **options)
+
+                batches = [batch(name, session, model) for name, model in MODELS.items()]
+                batches.append(batch(ROUTER, on_routed))
                 results = await asyncio.gather(*batches)
             lanes = list(router.stats.values())
         counted = await emulator.stats()

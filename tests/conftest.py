@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
@@ -17,6 +17,8 @@ CLIENTS = ("get3w", "get3w_v3", "dh3", "nananobanana")
 MODELS = EXAMPLE_MODELS
 KEYS = {name: f"sk-secret-{name}-0123456789" for name in CLIENTS}
 FAST_POLLING = PollSettings(first_poll=0.02, min_interval=0.005, max_interval=0.1)
+# What every test session shares: polling and retries on the emulator's scaled-down time.
+FAST: dict[str, Any] = {"polling": FAST_POLLING, "retry_base": 0.01, "retry_cap": 0.05, "task_timeout": 20.0}
 
 SessionFactory = Callable[..., AsyncSession]
 
@@ -38,10 +40,7 @@ async def make_session(emulator: Emulator) -> AsyncIterator[SessionFactory]:
             "api_keys": KEYS,
             "base_urls": dict.fromkeys(CLIENTS, emulator.url),
             "rate_limits": {"dh3": None},
-            "polling": FAST_POLLING,
-            "retry_base": 0.01,
-            "retry_cap": 0.05,
-            "task_timeout": 20.0,
+            **FAST,
         } | overrides
         session = AsyncSession(**options)
         made.append(session)
@@ -82,6 +81,35 @@ async def odd_server() -> AsyncIterator[Callable[[dict[str, Handler]], Awaitable
     yield serve
     for runner in runners:
         await runner.cleanup()
+
+
+class Routes(Protocol):
+    """A tiny server of a test's own: its routes, ``"METHOD /path" -> handler``."""
+
+    def routes(self) -> dict[str, Handler]: ...
+
+
+ServerSession = Callable[..., Awaitable[AsyncSession]]
+
+
+@pytest.fixture
+async def server_session(
+    odd_server: Callable[[dict[str, Handler]], Awaitable[str]],
+) -> AsyncIterator[ServerSession]:
+    """``await server_session(server, client="nananobanana", **options)``: ``server`` served on
+    loopback and a session whose ``client`` points at it, fast polling and retries."""
+    sessions: list[AsyncSession] = []
+
+    async def make(server: Routes, client: str = "nananobanana", **options: Any) -> AsyncSession:
+        url = await odd_server(server.routes())
+        settings: dict[str, Any] = {"api_keys": KEYS, "base_urls": {client: url}, **FAST} | options
+        session = AsyncSession(**settings)
+        sessions.append(session)
+        return session
+
+    yield make
+    for session in sessions:
+        await session.close()
 
 
 def _as_coroutine_function(handler: Handler) -> Handler:

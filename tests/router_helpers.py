@@ -8,7 +8,7 @@ from typing import Any
 from image_gen_async import AsyncSession, Target
 from image_gen_async.testing import Emulator, EmulatorProcess
 
-from .conftest import FAST_POLLING
+from .conftest import FAST
 
 # Nano Banana Pro under each provider's name (nananobanana sells the Nano Banana family).
 DH3 = Target("dh3", "nano-banana-pro")
@@ -25,10 +25,7 @@ def session_on(
         "api_keys": keys or {"get3w": "sk-get3w", "dh3": "sk-dh3", "nananobanana": "sk-nana"},
         "base_urls": dict.fromkeys(("get3w", "get3w_v3", "dh3", "nananobanana"), emulators[0].url),
         "rate_limits": {"dh3": None},
-        "polling": FAST_POLLING,
-        "retry_base": 0.01,
-        "retry_cap": 0.05,
-        "task_timeout": 20.0,
+        **FAST,
     } | overrides
     return AsyncSession(**options)
 

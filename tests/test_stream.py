@@ -23,7 +23,7 @@ from image_gen_async import (
 from image_gen_async._events import MAX_LINE_BYTES, EventTooLarge, SseDecoder
 from image_gen_async.testing import Emulator
 
-from .conftest import FAST_POLLING, KEYS, MODELS, SessionFactory
+from .conftest import KEYS, MODELS, SessionFactory
 
 MODEL = MODELS["nananobanana"]
 TASK = "gen-1"
@@ -95,29 +95,6 @@ class StreamServer:
         return web.json_response({"data": record})
 
 
-@pytest.fixture
-async def stream_session(
-    odd_server: Callable[[dict[str, Any]], Awaitable[str]],
-) -> Callable[..., Awaitable[AsyncSession]]:
-    sessions: list[AsyncSession] = []
-
-    async def make(server: StreamServer, **options: Any) -> AsyncSession:
-        url = await odd_server(server.routes())
-        settings: dict[str, Any] = {
-            "api_keys": KEYS,
-            "base_urls": {"nananobanana": url},
-            "polling": FAST_POLLING,
-            "retry_base": 0.01,
-            "retry_cap": 0.05,
-            "task_timeout": 10.0,
-        } | options
-        session = AsyncSession(**settings)
-        sessions.append(session)
-        return session
-
-    yield make  # type: ignore[misc]
-    for session in sessions:
-        await session.close()
 
 
 async def test_generate_stream_reports_progress_and_statuses_on_the_emulator(
@@ -154,10 +131,10 @@ async def test_submit_stream_updates_go_queued_processing_completed(
 
 @pytest.mark.parametrize("ending", ["eof", "drop"])
 async def test_a_stream_that_drops_midway_falls_back_to_polling(
-    stream_session: Callable[..., Awaitable[AsyncSession]], ending: Ending
+    server_session: Callable[..., Awaitable[AsyncSession]], ending: Ending
 ) -> None:
     server = StreamServer([STARTED, RUNNING], ending)
-    session = await stream_session(server)
+    session = await server_session(server)
     seen: list[float] = []
     result = await session.nananobanana.generate(
         MODEL, prompt="a fox", stream=True, on_progress=lambda done, _: seen.append(done)
@@ -169,92 +146,92 @@ async def test_a_stream_that_drops_midway_falls_back_to_polling(
 
 
 async def test_a_quiet_stream_is_dropped_after_the_read_timeout_and_polled(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([STARTED], "hang")
-    session = await stream_session(server, read_timeout=0.2)
+    session = await server_session(server, read_timeout=0.2)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert result.ok and server.creates == 1 and server.polls >= 1
     await asyncio.wait_for(server.hung_up.wait(), 5)  # the quiet connection was let go
 
 
 async def test_a_stream_that_ends_before_naming_its_task_is_uncertain_and_not_resent(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([b": heartbeat\n\n", b"data: not json\n\n", event(type="status", progress=0)])
-    session = await stream_session(server)
+    session = await server_session(server)
     with pytest.raises(SubmitUncertainError):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1 and server.polls == 0
 
 
 async def test_a_flood_line_is_cut_at_its_cap_and_costs_no_second_create(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([b"data: " + b"x" * (MAX_LINE_BYTES + 10)])
-    session = await stream_session(server)
+    session = await server_session(server)
     with pytest.raises(SubmitUncertainError):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1
 
 
 async def test_a_flood_after_the_task_is_named_falls_back_to_polling(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([STARTED, b"data: " + b"x" * (MAX_LINE_BYTES + 10)], "hang")
-    session = await stream_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert result.ok and server.creates == 1 and server.polls >= 1
 
 
 async def test_events_about_another_task_are_passed_over(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     other = event(type="complete", generationId="gen-2", data={"success": True, "imageUrls": ["https://x/2.png"]})
     server = StreamServer([STARTED, other, b"data: {\n\n", RUNNING, COMPLETE])
-    session = await stream_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert result.task_id == TASK and list(result.urls) == [URL]
     assert server.polls == 0
 
 
 async def test_an_error_event_fails_the_task_once(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     failed = event(type="error", message="Upstream model error", generationId=TASK, data={"success": False})
     server = StreamServer([STARTED, failed])
-    session = await stream_session(server)
+    session = await server_session(server)
     with pytest.raises(TaskFailedError, match="Upstream model error"):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1 and server.polls == 0
 
 
 async def test_a_stream_that_completes_without_any_id_keeps_its_images(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     bare = event(type="complete", progress=100, data={"success": True, "imageUrls": [URL]})
     server = StreamServer([event(type="status", progress=0), bare])
-    session = await stream_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert list(result.urls) == [URL] and result.task_id.startswith("stream-")
     assert server.creates == 1
 
 
 async def test_the_deadline_ends_a_stream_that_never_finishes(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([STARTED], "hang", poll_status="processing")
-    session = await stream_session(server)
+    session = await server_session(server)
     with pytest.raises(TaskTimeoutError):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True, timeout=0.5)
     assert server.creates == 1 and server.polls >= 1  # the last look before the deadline
 
 
 async def test_cancelling_the_handle_lets_go_of_the_stream(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([STARTED], "hang")
-    session = await stream_session(server)
+    session = await server_session(server)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     handle.cancel()
     await asyncio.wait_for(server.hung_up.wait(), 5)
@@ -262,10 +239,10 @@ async def test_cancelling_the_handle_lets_go_of_the_stream(
 
 
 async def test_closing_the_session_ends_a_streaming_handle(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([STARTED], "hang")
-    session = await stream_session(server)
+    session = await server_session(server)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     await session.close()
     with pytest.raises(Exception, match="session closed"):
@@ -357,10 +334,10 @@ BARE_RUNNING = event(type="status", message="Generating image", progress=30)
 
 
 async def test_a_documented_stream_that_drops_before_naming_its_task_is_uncertain_not_polled(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([BARE_STARTED, BARE_RUNNING], "drop")
-    session = await stream_session(server)
+    session = await server_session(server)
     seen: list[float] = []
     handle = await session.nananobanana.submit(
         MODEL, prompt="a fox", stream=True, on_progress=lambda done, _: seen.append(done)
@@ -372,10 +349,10 @@ async def test_a_documented_stream_that_drops_before_naming_its_task_is_uncertai
 
 
 async def test_an_id_named_late_replaces_the_provisional_one_and_is_polled(
-    stream_session: Callable[..., Awaitable[AsyncSession]],
+    server_session: Callable[..., Awaitable[AsyncSession]],
 ) -> None:
     server = StreamServer([BARE_STARTED, RUNNING], "drop")  # the second event names gen-1
-    session = await stream_session(server)
+    session = await server_session(server)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     result = await handle
     assert handle.task_id == TASK and result.task_id == TASK

@@ -28,7 +28,7 @@ from image_gen_async._events import HEARTBEAT, MAX_EVENT_BYTES, EventTooLarge, S
 from image_gen_async._follow import stream_step
 from image_gen_async.providers import Snapshot
 
-from .conftest import FAST_POLLING, KEYS, MODELS
+from .conftest import MODELS
 
 MODEL = MODELS["nananobanana"]
 TASK = "gen-1"
@@ -148,29 +148,6 @@ def streaming(chunks: list[bytes], **options: Any) -> Create:
     return create
 
 
-@pytest.fixture
-async def hostile_session(
-    odd_server: Callable[[dict[str, Any]], Awaitable[str]],
-) -> Callable[..., Awaitable[AsyncSession]]:
-    sessions: list[AsyncSession] = []
-
-    async def make(server: Hostile, **options: Any) -> AsyncSession:
-        url = await odd_server(server.routes())
-        settings: dict[str, Any] = {
-            "api_keys": KEYS,
-            "base_urls": {"nananobanana": url},
-            "polling": FAST_POLLING,
-            "retry_base": 0.01,
-            "retry_cap": 0.05,
-            "task_timeout": 10.0,
-        } | options
-        session = AsyncSession(**settings)
-        sessions.append(session)
-        return session
-
-    yield make  # type: ignore[misc]
-    for session in sessions:
-        await session.close()
 
 
 Maker = Callable[..., Awaitable[AsyncSession]]
@@ -179,35 +156,35 @@ Maker = Callable[..., Awaitable[AsyncSession]]
 # The create's answer is not a stream.
 
 
-async def test_a_stream_create_answered_with_async_json_is_polled(hostile_session: Maker) -> None:
+async def test_a_stream_create_answered_with_async_json_is_polled(server_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         return web.json_response({"success": True, "async": True, "generationId": TASK, "message": "queued"})
 
     server = Hostile(create)
-    session = await hostile_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert result.task_id == TASK and list(result.urls) == [POLL_URL]
     assert server.creates == 1 and server.polls >= 1
 
 
-async def test_a_stream_create_answered_in_the_sync_shape_keeps_its_images(hostile_session: Maker) -> None:
+async def test_a_stream_create_answered_in_the_sync_shape_keeps_its_images(server_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"success": True, "generationId": TASK, "imageUrls": [URL], "creditsUsed": 1}
         )
 
     server = Hostile(create)
-    session = await hostile_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert list(result.urls) == [URL] and server.creates == 1 and server.polls == 0
 
 
-async def test_a_stream_create_answered_200_html_is_uncertain_and_not_resent(hostile_session: Maker) -> None:
+async def test_a_stream_create_answered_200_html_is_uncertain_and_not_resent(server_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         return web.Response(text="<html>welcome</html>", content_type="text/html")
 
     server = Hostile(create)
-    session = await hostile_session(server)
+    session = await server_session(server)
     with pytest.raises(SubmitUncertainError):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1 and server.polls == 0
@@ -217,7 +194,7 @@ BUSY = {"error": "Server is busy, too many concurrent tasks. Please retry later.
 
 
 @pytest.mark.parametrize("as_stream", [False, True], ids=["json", "event-stream"])
-async def test_a_503_server_busy_is_retried_then_streamed(hostile_session: Maker, as_stream: bool) -> None:
+async def test_a_503_server_busy_is_retried_then_streamed(server_session: Maker, as_stream: bool) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         if server.creates == 1:
             if as_stream:
@@ -227,7 +204,7 @@ async def test_a_503_server_busy_is_retried_then_streamed(hostile_session: Maker
         return await server.stream(request, [STARTED, COMPLETE])
 
     server = Hostile(create)
-    session = await hostile_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert list(result.urls) == [URL]
     assert server.creates == 2 and server.polls == 0
@@ -236,9 +213,9 @@ async def test_a_503_server_busy_is_retried_then_streamed(hostile_session: Maker
 # Odd but lawful event streams.
 
 
-async def test_a_gzip_event_stream_is_read(hostile_session: Maker) -> None:
+async def test_a_gzip_event_stream_is_read(server_session: Maker) -> None:
     server = Hostile(streaming([STARTED, status(40), COMPLETE], gzip=True))
-    session = await hostile_session(server)
+    session = await server_session(server)
     seen: list[float] = []
     result = await session.nananobanana.generate(
         MODEL, prompt="a fox", stream=True, on_progress=lambda done, _: seen.append(done)
@@ -247,7 +224,7 @@ async def test_a_gzip_event_stream_is_read(hostile_session: Maker) -> None:
     assert server.creates == 1 and server.polls == 0
 
 
-async def test_cr_line_endings_event_lines_and_ids_in_data_only(hostile_session: Maker) -> None:
+async def test_cr_line_endings_event_lines_and_ids_in_data_only(server_session: Maker) -> None:
     def cr(fields: dict[str, Any]) -> bytes:
         return b"event: message\rid: 3\rretry: 1\rdata: " + json.dumps(fields).encode() + b"\r\r"
 
@@ -263,17 +240,17 @@ async def test_cr_line_endings_event_lines_and_ids_in_data_only(hostile_session:
         ),
     ]
     server = Hostile(streaming(chunks))
-    session = await hostile_session(server)
+    session = await server_session(server)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     result = await handle
     assert handle.task_id == TASK and list(result.urls) == [URL] and handle.progress == 100
     assert server.creates == 1 and server.polls == 0
 
 
-async def test_a_byte_order_mark_does_not_hide_the_first_event(hostile_session: Maker) -> None:
+async def test_a_byte_order_mark_does_not_hide_the_first_event(server_session: Maker) -> None:
     # The event-stream format strips one leading U+FEFF: the first event is still an event.
     server = Hostile(streaming([b"\xef\xbb\xbf" + STARTED], hold=True))
-    session = await hostile_session(server, read_timeout=2.0)
+    session = await server_session(server, read_timeout=2.0)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     assert handle.task_id == TASK and handle.progress == 0
     server.release.set()
@@ -281,10 +258,10 @@ async def test_a_byte_order_mark_does_not_hide_the_first_event(hostile_session: 
     assert server.creates == 1
 
 
-async def test_events_after_the_final_one_change_nothing(hostile_session: Maker) -> None:
+async def test_events_after_the_final_one_change_nothing(server_session: Maker) -> None:
     late = event(type="error", message="oops", generationId=TASK, data={"success": False})
     server = Hostile(streaming([STARTED, COMPLETE, late, status(10)]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     result = await handle
     assert list(result.urls) == [URL] and handle.status is TaskStatus.COMPLETED and handle.progress == 100
@@ -293,10 +270,10 @@ async def test_events_after_the_final_one_change_nothing(hostile_session: Maker)
 # Odd final events.
 
 
-async def test_a_complete_event_with_success_false_fails_the_task(hostile_session: Maker) -> None:
+async def test_a_complete_event_with_success_false_fails_the_task(server_session: Maker) -> None:
     failed = event(type="complete", generationId=TASK, message="Upstream error", data={"success": False})
     server = Hostile(streaming([STARTED, failed]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     with pytest.raises(TaskFailedError):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1 and server.polls == 0
@@ -308,12 +285,12 @@ async def test_a_complete_event_with_success_false_fails_the_task(hostile_sessio
     ids=["no-urls", "urls-a-string", "urls-empty", "no-data"],
 )
 async def test_a_complete_event_without_usable_urls_is_polled_not_failed(
-    hostile_session: Maker, data: dict[str, Any] | None
+    server_session: Maker, data: dict[str, Any] | None
 ) -> None:
     # A successful job is paid for: an event that forgot its URLs is no failure; the poll has them.
     done = event(type="complete", progress=100, generationId=TASK, data=data)
     server = Hostile(streaming([STARTED, done]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert result.ok and list(result.urls) == [POLL_URL]
     assert server.creates == 1 and server.polls >= 1
@@ -335,11 +312,11 @@ async def test_a_complete_event_without_usable_urls_is_polled_not_failed(
     ids=["string", "nan", "inf", "negative", "over-100", "backwards"],
 )
 async def test_progress_stays_a_rising_number_from_0_to_100(
-    hostile_session: Maker, sent: list[Any], seen: list[float]
+    server_session: Maker, sent: list[Any], seen: list[float]
 ) -> None:
     # json.dumps writes NaN and Infinity (1e309 reads as Infinity), as a careless server would.
     server = Hostile(streaming([STARTED, *(status(value) for value in sent)], hold=True))
-    session = await hostile_session(server)
+    session = await server_session(server)
     reported: list[float] = []
     statuses: list[TaskStatus] = []
     handle = await session.nananobanana.submit(
@@ -356,10 +333,10 @@ async def test_progress_stays_a_rising_number_from_0_to_100(
 
 
 async def test_a_second_generation_started_does_not_send_the_status_back_to_queued(
-    hostile_session: Maker,
+    server_session: Maker,
 ) -> None:
     server = Hostile(streaming([STARTED, status(30), status(0), COMPLETE]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     handle = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     assert [seen async for seen in handle.updates()] == [
         TaskStatus.QUEUED,
@@ -386,10 +363,10 @@ def test_a_chunk_of_heartbeats_is_one_heartbeat() -> None:
     assert decoder.feed(b":\n" * 10 + STARTED + b":\n" * 10) == [HEARTBEAT, STARTED[6:-2], HEARTBEAT]
 
 
-async def test_a_flood_of_tiny_events_ends_the_job_once(hostile_session: Maker) -> None:
+async def test_a_flood_of_tiny_events_ends_the_job_once(server_session: Maker) -> None:
     flood = b"".join(status(n % 100) for n in range(5_000)) + b":\n" * 20_000
     server = Hostile(streaming([STARTED, flood, COMPLETE]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert list(result.urls) == [URL] and server.creates == 1 and server.polls == 0
 
@@ -397,9 +374,9 @@ async def test_a_flood_of_tiny_events_ends_the_job_once(hostile_session: Maker) 
 # Time: heartbeats never stretch a deadline, nor a create's exchange.
 
 
-async def test_heartbeats_do_not_keep_a_job_past_its_deadline(hostile_session: Maker) -> None:
+async def test_heartbeats_do_not_keep_a_job_past_its_deadline(server_session: Maker) -> None:
     server = Hostile(streaming([STARTED], hold=True, heartbeat=0.02), poll_status="processing")
-    session = await hostile_session(server)
+    session = await server_session(server)
     loop = asyncio.get_running_loop()
     began = loop.time()
     with pytest.raises(TaskTimeoutError):
@@ -410,10 +387,10 @@ async def test_heartbeats_do_not_keep_a_job_past_its_deadline(hostile_session: M
 
 
 async def test_a_first_event_after_the_exchange_limit_is_uncertain_and_not_resent(
-    hostile_session: Maker,
+    server_session: Maker,
 ) -> None:
     server = Hostile(streaming([HEARTBEAT_LINE], hold=True, heartbeat=0.02, after_release=(STARTED,)))
-    session = await hostile_session(server, read_timeout=0.3, connect_timeout=0.2)
+    session = await server_session(server, read_timeout=0.3, connect_timeout=0.2)
     with pytest.raises(SubmitUncertainError):
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     await asyncio.wait_for(server.hung_up.wait(), 5)
@@ -424,7 +401,7 @@ async def test_a_first_event_after_the_exchange_limit_is_uncertain_and_not_resen
 
 
 async def test_a_submit_cancelled_before_the_first_event_names_its_orphan_and_frees_the_pool(
-    hostile_session: Maker,
+    server_session: Maker,
 ) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         if server.creates == 1:
@@ -434,7 +411,7 @@ async def test_a_submit_cancelled_before_the_first_event_names_its_orphan_and_fr
         return await server.stream(request, [status(0, "gen-2"), COMPLETE.replace(b"gen-1", b"gen-2")])
 
     server = Hostile(create)
-    session = await hostile_session(server, pool_size=1)
+    session = await server_session(server, pool_size=1)
     submitting = asyncio.create_task(session.nananobanana.submit(MODEL, prompt="a fox", stream=True))
     await server.got_create.wait()
     submitting.cancel()
@@ -448,9 +425,9 @@ async def test_a_submit_cancelled_before_the_first_event_names_its_orphan_and_fr
     assert result.task_id == "gen-2" and server.creates == 2
 
 
-async def test_closing_the_session_while_a_stream_create_waits_ends_it(hostile_session: Maker) -> None:
+async def test_closing_the_session_while_a_stream_create_waits_ends_it(server_session: Maker) -> None:
     server = Hostile(streaming([HEARTBEAT_LINE], hold=True, heartbeat=0.02, after_release=(STARTED,)))
-    session = await hostile_session(server)
+    session = await server_session(server)
     submitting = asyncio.create_task(session.nananobanana.submit(MODEL, prompt="a fox", stream=True))
     await server.got_create.wait()
     loop = asyncio.get_running_loop()
@@ -466,7 +443,7 @@ async def test_closing_the_session_while_a_stream_create_waits_ends_it(hostile_s
     assert server.creates == 1
 
 
-async def test_many_cancelled_streaming_handles_give_their_connections_back(hostile_session: Maker) -> None:
+async def test_many_cancelled_streaming_handles_give_their_connections_back(server_session: Maker) -> None:
     jobs = 6
 
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
@@ -478,7 +455,7 @@ async def test_many_cancelled_streaming_handles_give_their_connections_back(host
         )
 
     server = Hostile(create)
-    session = await hostile_session(server, pool_size=jobs)
+    session = await server_session(server, pool_size=jobs)
     handles = [await session.nananobanana.submit(MODEL, prompt=f"fox {n}", stream=True) for n in range(jobs)]
     for handle in handles:
         handle.cancel()
@@ -494,7 +471,7 @@ async def test_many_cancelled_streaming_handles_give_their_connections_back(host
     assert server.polls == 0
 
 
-async def test_streams_holding_the_whole_pool_do_not_starve_a_polled_job(hostile_session: Maker) -> None:
+async def test_streams_holding_the_whole_pool_do_not_starve_a_polled_job(server_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         n = server.creates
@@ -503,7 +480,7 @@ async def test_streams_holding_the_whole_pool_do_not_starve_a_polled_job(hostile
         return web.json_response({"success": True, "async": True, "generationId": f"gen-{n}"})
 
     server = Hostile(create)
-    session = await hostile_session(server, pool_size=2, task_timeout=30.0)
+    session = await server_session(server, pool_size=2, task_timeout=30.0)
     streams = [await session.nananobanana.submit(MODEL, prompt=f"fox {n}", stream=True) for n in range(2)]
     try:
         # Well before the streams' own deadline: the polled job must not wait for one to end.
@@ -549,9 +526,9 @@ BARE_RUNNING = event(type="status", message="Generating image", progress=30)
 BARE_COMPLETE = event(type="complete", progress=100, data={"success": True, "imageUrls": [URL]})
 
 
-async def test_a_stream_in_the_documented_shape_reports_its_progress(hostile_session: Maker) -> None:
+async def test_a_stream_in_the_documented_shape_reports_its_progress(server_session: Maker) -> None:
     server = Hostile(streaming([BARE_STARTED, BARE_RUNNING, BARE_COMPLETE]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     seen: list[float] = []
     result = await session.nananobanana.generate(
         MODEL, prompt="a fox", stream=True, on_progress=lambda done, _: seen.append(done)
@@ -561,7 +538,7 @@ async def test_a_stream_in_the_documented_shape_reports_its_progress(hostile_ses
 
 
 async def test_a_documented_stream_longer_than_the_exchange_limit_keeps_its_images(
-    hostile_session: Maker,
+    server_session: Maker,
 ) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         # The job's own length (the server's behaviour): heartbeats for about 0.8 s, then done.
@@ -575,17 +552,17 @@ async def test_a_documented_stream_longer_than_the_exchange_limit_keeps_its_imag
         return response
 
     server = Hostile(create)
-    session = await hostile_session(server, read_timeout=0.3, connect_timeout=0.2)
+    session = await server_session(server, read_timeout=0.3, connect_timeout=0.2)
     result = await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert list(result.urls) == [URL] and server.creates == 1
 
 
-async def test_an_error_event_naming_no_task_fails_it_with_the_servers_words(hostile_session: Maker) -> None:
+async def test_an_error_event_naming_no_task_fails_it_with_the_servers_words(server_session: Maker) -> None:
     # The documented events carry no id: an error event on the stream is the job's failure
     # (charged, as the documents say of a failed generation), never a reason to send again.
     busy = event(type="error", message="Server is busy, too many concurrent tasks. Please retry later.")
     server = Hostile(streaming([busy]))
-    session = await hostile_session(server)
+    session = await server_session(server)
     with pytest.raises(TaskFailedError) as raised:
         await session.nananobanana.generate(MODEL, prompt="a fox", stream=True)
     assert server.creates == 1
@@ -597,12 +574,12 @@ async def test_an_error_event_naming_no_task_fails_it_with_the_servers_words(hos
     reason="a create's wait for a pooled connection is bounded by its exchange limit, not the job's "
     "deadline: with pool_size streams open, one more waits up to connect + read timeout",
 )
-async def test_a_stream_create_waiting_for_a_connection_keeps_its_deadline(hostile_session: Maker) -> None:
+async def test_a_stream_create_waiting_for_a_connection_keeps_its_deadline(server_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         return await server.stream(request, [status(0, f"gen-{server.creates}")], hold=True, heartbeat=0.02)
 
     server = Hostile(create)
-    session = await hostile_session(server, pool_size=1)
+    session = await server_session(server, pool_size=1)
     held = await session.nananobanana.submit(MODEL, prompt="a fox", stream=True)
     try:
         waiting = asyncio.create_task(
