@@ -288,7 +288,7 @@ class Engine:
                     # past it, none is started.
                     raise AdmissionTimeoutError(f"{target.name}: the job's deadline passed; nothing was sent")
                 answer = await self._send_create(
-                    target, model, request, body, limit, read_timeout, ticket, until
+                    target, model, request, body, limit, read_timeout, ticket, until, deadline
                 )
             except asyncio.CancelledError:
                 nonlocal went_out
@@ -395,11 +395,22 @@ class Engine:
         read_timeout: float | None,
         ticket: Ticket,
         until: Callable[[bytes], bool] | None = None,
+        deadline: float | None = None,
     ) -> Answer:
-        """The create's exchange, shielded: cancelled once sent, it is read to its end in the background."""
+        """The create's exchange, shielded: cancelled once sent, it is read to its end in the background.
+
+        Its wait for a pooled connection ends at the job's ``deadline`` (nothing sent by then).
+        """
         sending = asyncio.ensure_future(
             self.transport.send(
-                target, request, body=body, limit=limit, read_timeout=read_timeout, ticket=ticket, until=until
+                target,
+                request,
+                body=body,
+                limit=limit,
+                read_timeout=read_timeout,
+                ticket=ticket,
+                until=until,
+                connect_by=deadline,
             )
         )
         try:

@@ -31,7 +31,7 @@ from yarl import URL
 from ._capacity import Account
 from ._events import EventStream
 from ._ratelimit import Limiter, Ticket
-from .errors import ImageGenError, SessionClosedError, TransportError
+from .errors import AdmissionTimeoutError, ImageGenError, SessionClosedError, TransportError
 from .providers import Codec, HttpRequest
 
 log = logging.getLogger("image_gen_async")
@@ -47,6 +47,10 @@ _QUERY = re.compile(r"\?[^\s'\"]*")
 # The rate-limit ticket of the create this task is sending, for the connector to stamp.
 _SENDING: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
     "image_gen_async_ticket", default=None
+)
+# What to do once that request has its connection (a create's wait for one ends at its deadline).
+_CONNECTED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "image_gen_async_connected", default=None
 )
 
 
@@ -310,13 +314,16 @@ class Transport:
         ticket: Ticket | None = None,
         url: URL | None = None,
         until: Callable[[bytes], bool] | None = None,
+        connect_by: float | None = None,
     ) -> Answer:
         """One exchange with the target's origin, key attached, answer read: at most ``limit`` s.
 
         ``ticket`` (a create's rate-limit turn) is stamped once the request has a connection:
         from then on it may reach the provider. With ``until`` (a stream create, sent from the
         streams' own pool), an event-stream answer is read up to the first event ``until``
-        accepts (within ``limit``) and handed back open.
+        accepts (within ``limit``) and handed back open. ``connect_by`` (loop clock, a create's
+        deadline): a request with no connection by then is given up, nothing sent
+        (``AdmissionTimeoutError``); once it has one, the exchange runs to ``limit``.
         """
         options: dict[str, Any] = {}
         if read_timeout is not None:
@@ -331,8 +338,14 @@ class Transport:
         failure: TransportError | None = None
         events: EventStream | None = None
         sending = _SENDING.set(ticket) if ticket is not None else None
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + max(0.0, limit)
+        connecting = None
         try:
-            async with asyncio.timeout(max(0.0, limit)):
+            async with asyncio.timeout_at(ends) as scope:
+                if connect_by is not None and ticket is not None and connect_by < ends:
+                    scope.reschedule(connect_by)
+                    connecting = _CONNECTED.set(lambda: scope.reschedule(ends))
                 # No redirects: following one could carry the key to another origin.
                 http = self.http() if until is None else self.streams()
                 response = await http.request(
@@ -361,6 +374,10 @@ class Transport:
                     response.close()
                     raise
         except TimeoutError:
+            if connecting is not None and ticket is not None and not ticket.was_sent:
+                raise AdmissionTimeoutError(
+                    f"{where}: no free connection within the job's deadline; nothing was sent"
+                ) from None
             failure = TransportError(f"{where}: no complete answer within {limit:.1f} s")
         except aiohttp.ClientError as error:
             failure = TransportError(
@@ -369,6 +386,8 @@ class Transport:
         finally:
             if sending is not None:
                 _SENDING.reset(sending)
+            if connecting is not None:
+                _CONNECTED.reset(connecting)
         if failure is not None:
             raise failure  # outside the except block, so nothing of aiohttp's rides along
         if log.isEnabledFor(logging.DEBUG):
@@ -403,4 +422,7 @@ class _StampingConnector(aiohttp.TCPConnector):
         ticket = _SENDING.get()
         if ticket is not None:
             ticket.sent()
+            connected = _CONNECTED.get()
+            if connected is not None:
+                connected()
         return connection

@@ -569,11 +569,6 @@ async def test_an_error_event_naming_no_task_fails_it_with_the_servers_words(ser
     assert "Server is busy" in str(raised.value)  # the server's reason, not only ours
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a create's wait for a pooled connection is bounded by its exchange limit, not the job's "
-    "deadline: with pool_size streams open, one more waits up to connect + read timeout",
-)
 async def test_a_stream_create_waiting_for_a_connection_keeps_its_deadline(server_session: Maker) -> None:
     async def create(server: Hostile, request: web.Request) -> web.StreamResponse:
         return await server.stream(request, [status(0, f"gen-{server.creates}")], hold=True, heartbeat=0.02)
