@@ -16,10 +16,10 @@ from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 from .conftest import KEYS, MODELS, SessionFactory
 
 SCALED_QPS = 200.0
-JOBS = 600  # three seconds at the limit: enough sliding windows to see one overrun
+JOBS = 400  # two seconds at the limit: enough sliding windows to see one overrun
 
 
-async def test_600_dh3_jobs_stay_under_the_limit(make_session: SessionFactory) -> None:
+async def test_400_dh3_jobs_stay_under_the_limit(make_session: SessionFactory) -> None:
     # The emulator runs in its own process, as a provider would: in-process, the client's
     # own load would delay the server's clock and bunch arrivals that were sent evenly.
     args = ("--dh3-qps", str(SCALED_QPS), "--duration", "0.2", "--no-record")
