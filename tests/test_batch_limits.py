@@ -55,7 +55,7 @@ def test_a_settled_job_counts_what_it_cost() -> None:
 async def test_200_jobs_on_a_capped_account_all_finish(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
-    emulator.config.duration = 0.05
+    emulator.config.duration = 0.025
     emulator.config.max_concurrent = {"nananobanana": 10}
     stats = await run_batch(
         make_session(polling=QUICK), "nananobanana", NANO, prompts(200), out_dir=tmp_path, download=False
@@ -92,7 +92,7 @@ async def test_the_cli_stops_on_no_credits_with_exit_1_and_a_rerun_finishes(
     source = write_jobs(tmp_path / "jobs.jsonl", [f"a fox, take {i}" for i in range(8)])
     out = tmp_path / "out"
     args = ("batch", str(source), "--provider", "nananobanana", "--model", NANO, "-o", str(out))
-    args += ("--base-url", emulator.url, "--no-download", "--first-poll", "0.01")
+    args += ("--base-url", emulator.url, "--no-download", "--first-poll", "0.01", "--min-poll-interval", "0.005")
     keys = {"NANANOBANANA_API_KEY": KEYS["nananobanana"]}
     code, stdout, stderr = await cli(*args, keys=keys)
     assert code == 1, stdout + stderr
