@@ -58,13 +58,15 @@ async def test_400_jobs_stream_through_with_bounded_reading(
     stats = await run_batch(
         session, "dh3", DH3, jobs(), out_dir=tmp_path, concurrency=concurrency, on_progress=track
     )
-    assert (stats.done, stats.failed, stats.uncertain, stats.unfinished) == (jobs_count - jobs_count // 100, jobs_count // 100, 0, 0)
+    failing = jobs_count // 100
+    assert (stats.done, stats.failed) == (jobs_count - failing, failing)
+    assert (stats.uncertain, stats.unfinished) == (0, 0)
     assert widest <= concurrency + 1
     assert emulator.stats.creates["dh3"] == jobs_count
     lines = results(tmp_path)
     assert sorted(r["line"] for r in lines) == list(range(1, jobs_count + 1))
     files = names(tmp_path)
-    assert files == sorted(f for r in lines for f in r["files"]) and len(files) == jobs_count - jobs_count // 100
+    assert files == sorted(f for r in lines for f in r["files"]) and len(files) == jobs_count - failing
     assert all(r["error"] == "" or r["status"] == "done" or "Upstream" in r["error"] for r in lines)
     assert set(states(tmp_path).values()) == {"done", "failed"}
 

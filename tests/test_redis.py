@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -113,40 +116,39 @@ def fingerprint(key: str) -> str:
 # The limit across processes.
 
 
+async def run_workers(workers: int, *options: str, timeout: float = 60) -> list[dict[str, Any]]:
+    """``workers`` worker processes (forked by one redis_worker.py), started together; their reports."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WORKER),
+        *("--workers", str(workers), *options),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: the forked workers end with it
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        for _ in range(workers):
+            assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
+        child.stdin.close()  # all start together
+        lines = [await asyncio.wait_for(child.stdout.readline(), timeout) for _ in range(workers)]
+        assert await child.wait() == 0
+        return [json.loads(line) for line in lines]
+    finally:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            await child.wait()
+
+
 async def test_three_processes_share_one_keys_limit(redis_url: str, namespace: str) -> None:
     # More creates than one second's worth, so the busiest second is measured, not the total.
     rate, jobs, workers = 40.0, 25, 3
     config = EmulatorConfig(duration=0.2, dh3_qps=rate, record_requests=False)
     async with Emulator(config) as emulator:  # in this process: the workers are the processes that share
-        children = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(WORKER),
-                *("--redis", redis_url, "--namespace", namespace, "--emulator", emulator.url),
-                *("--key", KEYS["dh3"], "--name", str(n), "--rate", str(rate), "--jobs", str(jobs)),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            for n in range(workers)
-        ]
-        try:
-            for child in children:
-                assert child.stdout is not None
-                assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
-            for child in children:  # all start together
-                assert child.stdin is not None
-                child.stdin.write(b"go\n")
-                await child.stdin.drain()
-            reports = []
-            for child in children:
-                assert child.stdout is not None
-                reports.append(json.loads(await asyncio.wait_for(child.stdout.readline(), 40)))
-                assert await child.wait() == 0
-        finally:
-            for child in children:
-                if child.returncode is None:
-                    child.kill()
-                    await child.wait()
+        options = ("--redis", redis_url, "--namespace", namespace, "--emulator", emulator.url)
+        options += ("--key", KEYS["dh3"], "--rate", str(rate), "--jobs", str(jobs))
+        reports = await run_workers(workers, *options, timeout=40)
         stats = emulator.stats.as_json()
     total = jobs * workers
     assert total > 1.5 * rate

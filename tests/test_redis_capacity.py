@@ -7,7 +7,6 @@ processes as far as Redis can tell; the crash and scale-out tests use real proce
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import signal
@@ -26,6 +25,7 @@ from image_gen_async._capacity import SLOW_START, Slot
 from image_gen_async._redis_capacity import LEASE, RedisGate, fallback_places
 from image_gen_async.testing import Emulator
 
+from . import test_redis
 from .conftest import KEYS, MODELS, SessionFactory
 from .test_redis import WORKER, RedisServer, fingerprint, redis_executable
 
@@ -440,37 +440,12 @@ async def run_workers(
     url: str, redis_url: str, namespace: str, jobs: int, *options: str
 ) -> list[dict[str, Any]]:
     """``WORKERS`` worker processes on one nananobanana key, started together; their reports."""
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(WORKER),
-            *("--redis", redis_url, "--namespace", namespace, "--emulator", url),
-            *("--client", "nananobanana", "--model", MODELS["nananobanana"], "--key", KEYS["nananobanana"]),
-            *("--name", str(n), "--jobs", str(jobs), "--first-poll", "0.02", *options),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for n in range(WORKERS)
-    ]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.write(b"go\n")
-            await child.stdin.drain()
-        reports = []
-        for child in children:
-            assert child.stdout is not None
-            reports.append(json.loads(await asyncio.wait_for(child.stdout.readline(), 60)))
-            assert await child.wait() == 0
-        return reports
-    finally:
-        for child in children:
-            if child.returncode is None:
-                child.kill()
-                await child.wait()
+    return await test_redis.run_workers(
+        WORKERS,
+        *("--redis", redis_url, "--namespace", namespace, "--emulator", url),
+        *("--client", "nananobanana", "--model", MODELS["nananobanana"], "--key", KEYS["nananobanana"]),
+        *("--jobs", str(jobs), "--first-poll", "0.02", *options),
+    )
 
 
 async def test_three_processes_learn_and_share_one_keys_cap(

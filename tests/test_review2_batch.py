@@ -89,7 +89,8 @@ async def test_the_cli_finishes_the_other_lines_when_one_job_times_out(
     source = write_jobs(tmp_path / "jobs.jsonl", ["a fox [slow]"] + [f"a fox, take {i}" for i in range(11)])
     out = tmp_path / "out"
     args = ("batch", str(source), "--provider", "nananobanana", "--model", NANO, "-o", str(out))
-    args += ("--base-url", emulator.url, "--no-download", "--first-poll", "0.01", "--min-poll-interval", "0.005")
+    args += ("--base-url", emulator.url, "--no-download")
+    args += ("--first-poll", "0.01", "--min-poll-interval", "0.005")
     args += ("--timeout", "0.3")
     args += ("--max-concurrent", "2", "--max-credits", "50", "--concurrency", "2")
     code, stdout, stderr = await cli(*args, keys={"NANANOBANANA_API_KEY": KEYS["nananobanana"]})
