@@ -47,17 +47,17 @@ def polls_of(emulator: Emulator, name: str) -> int:
 
 
 @pytest.mark.parametrize("name", WEBHOOK_CLIENTS)
-async def test_200_jobs_resolved_by_callback_with_no_polls(
+async def test_100_jobs_resolved_by_callback_with_no_polls(
     hooked: AsyncSession, emulator: Emulator, name: str
 ) -> None:
     handles = await asyncio.gather(
-        *(hooked.client(name).submit(MODELS[name], prompt=f"fox {i}", webhook=True) for i in range(200))
+        *(hooked.client(name).submit(MODELS[name], prompt=f"fox {i}", webhook=True) for i in range(100))
     )
     results = await asyncio.gather(*handles)
     assert all(r.status is TaskStatus.COMPLETED and r.urls for r in results)
     assert sum(h.polls for h in handles) == 0 and polls_of(emulator, name) == 0
-    assert emulator.stats.creates[name] == 200
-    assert hooked.webhooks.stats.resolved == 200
+    assert emulator.stats.creates[name] == 100
+    assert hooked.webhooks.stats.resolved == 100
     # The provider was told a per-client URL carrying the session's token.
     webhooks = {task.webhook for task in emulator.tasks.values()}
     assert len(webhooks) == 1
