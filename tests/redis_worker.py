@@ -27,6 +27,11 @@ from image_gen_async import AsyncSession, PollSettings, RedisBackend
 from image_gen_async._redis_capacity import RedisGate
 
 
+def say(line: str) -> None:
+    """One line to stdout in one write: forked workers share the pipe, and lines stay whole."""
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
+
+
 async def run(args: argparse.Namespace) -> dict[str, float]:
     client = args.client
     async with AsyncSession(
@@ -41,7 +46,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         retry_base=0.05,
         retry_cap=0.5,
     ) as session:
-        print("ready", flush=True)
+        say("ready")
         # "go" or the end of stdin: a raw read, as forked workers share the one pipe.
         await asyncio.get_running_loop().run_in_executor(None, os.read, sys.stdin.fileno(), 3)
         accepted: list[float] = []
@@ -106,7 +111,7 @@ def fork_workers(args: argparse.Namespace) -> int:
             code = 1
             try:
                 args.name = str(n)
-                print(json.dumps(asyncio.run(run(args))), flush=True)
+                say(json.dumps(asyncio.run(run(args))))
                 code = 0
             except BaseException:
                 traceback.print_exc()
