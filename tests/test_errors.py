@@ -145,7 +145,7 @@ async def test_poll_faults_are_retried(
     make_session: SessionFactory, emulator: Emulator, name: str, fault: str
 ) -> None:
     session = make_session(read_timeout=0.2)
-    emulator.config.faults = Faults(retry_after=0.01, slow_seconds=0.5)
+    emulator.config.faults = Faults(retry_after=0.01, slow_seconds=0.3)  # past the read timeout
     emulator.script(name, "poll", fault, times=2)
     handle = await session.client(name).submit(MODELS[name], prompt="a fox")
     result = await handle
