@@ -31,7 +31,7 @@ from image_gen_async import (
 )
 from image_gen_async import _redis_limit as redis_limit
 from image_gen_async import _redis_relay as redis_relay
-from image_gen_async.testing import Emulator, EmulatorConfig
+from image_gen_async.testing import Emulator, EmulatorProcess
 
 from .conftest import KEYS, MODELS, SessionFactory
 
@@ -144,12 +144,13 @@ async def run_workers(workers: int, *options: str, timeout: float = 60) -> list[
 async def test_three_processes_share_one_keys_limit(redis_url: str, namespace: str) -> None:
     # More creates than one second's worth, so the busiest second is measured, not the total.
     rate, jobs, workers = 40.0, 25, 3
-    config = EmulatorConfig(duration=0.2, dh3_qps=rate, record_requests=False)
-    async with Emulator(config) as emulator:  # in this process: the workers are the processes that share
+    # The emulator in its own process, as a provider: in this one, a loaded test process would
+    # bunch the arrivals that the workers sent evenly.
+    async with EmulatorProcess("--dh3-qps", str(rate), "--duration", "0.2", "--no-record") as emulator:
         options = ("--redis", redis_url, "--namespace", namespace, "--emulator", emulator.url)
         options += ("--key", KEYS["dh3"], "--rate", str(rate), "--jobs", str(jobs))
         reports = await run_workers(workers, *options, timeout=40)
-        stats = emulator.stats.as_json()
+        stats = await emulator.stats()
     total = jobs * workers
     assert total > 1.5 * rate
     assert stats["creates"]["dh3"] == total and stats["create_requests"]["dh3"] == total
