@@ -142,8 +142,9 @@ async def run_workers(workers: int, *options: str, timeout: float = 60) -> list[
 
 
 async def test_three_processes_share_one_keys_limit(redis_url: str, namespace: str) -> None:
-    # More creates than one second's worth, so the busiest second is measured, not the total.
-    rate, jobs, workers = 40.0, 25, 3
+    # More creates than one second's worth, so the busiest second is measured, not the total; at
+    # 20/s a worker may be late by up to 50 ms (a loaded machine) before two creates bunch.
+    rate, jobs, workers = 20.0, 12, 3
     # The emulator in its own process, as a provider: in this one, a loaded test process would
     # bunch the arrivals that the workers sent evenly.
     async with EmulatorProcess("--dh3-qps", str(rate), "--duration", "0.2", "--no-record") as emulator:
@@ -159,10 +160,9 @@ async def test_three_processes_share_one_keys_limit(redis_url: str, namespace: s
     assert sum(report["retries"] for report in reports) == 0
     seen = (total - 1) / (stats["last_create_at"]["dh3"] - stats["first_create_at"]["dh3"])
     assert seen >= 0.95 * rate, f"combined rate {seen:.2f}/s"
-    # Fair: every worker got its turns all along, so all finish within a few slots of each other
-    # (20 slots, as when this ran at 20/s with a bound of 1 s).
+    # Fair: every worker got its turns all along, so all finish within a few slots of each other.
     lasts = [report["last"] for report in reports]
-    assert max(lasts) - min(lasts) < 20 / rate
+    assert max(lasts) - min(lasts) < 1.0
 
 
 async def test_schedule_is_keyed_by_a_hash_of_the_api_key_and_expires(redis_url: str, namespace: str) -> None:
