@@ -34,12 +34,12 @@ def prompts(count: int, fail_every: int = 0) -> Iterator[JobSpec]:
         yield {"prompt": f"fox number {i}{marker}", "aspect_ratio": "1:1"}
 
 
-async def test_400_jobs_stream_through_with_bounded_reading(
+async def test_300_jobs_stream_through_with_bounded_reading(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
     emulator.config.record_requests = False
     session = make_session()
-    jobs_count, concurrency = 400, 64  # several times the concurrency: lines read as slots free
+    jobs_count, concurrency = 300, 64  # several times the concurrency: lines read as slots free
     seen = BatchStats()
     widest = 0
 

@@ -260,9 +260,9 @@ async def test_waiting_for_capacity_is_bounded_by_the_jobs_deadline(
 async def test_a_cancelled_handle_keeps_its_place_while_its_task_is_likely_to_run(
     make_session: SessionFactory, emulator: Emulator
 ) -> None:
-    emulator.config.duration = 0.3
+    emulator.config.duration = 0.15
     session = make_session(polling=QUICK, max_concurrent={"dh3": 1})
-    assert (await (await session.dh3.submit(MODELS["dh3"], prompt="teaches 0.3 s"))).ok
+    assert (await (await session.dh3.submit(MODELS["dh3"], prompt="teaches 0.15 s"))).ok
     handle = await session.dh3.submit(MODELS["dh3"], prompt="cancelled")
     handle.cancel()  # the task runs on at the provider, and still counts against the cap
     assert session.dh3.capacity.in_flight == 1
