@@ -28,8 +28,9 @@ from .conftest import MODELS, SessionFactory
 WEBHOOK_CLIENTS = ("get3w", "get3w_v3", "dh3")
 SECRET = "whsec_test"  # the emulator signs v3 callbacks with this by default
 # Callbacks come within milliseconds; the polling safety net starts after these.
+# For callbacks that never resolve (dropped, forged): the safety-net poll comes soon.
 SAFETY_NET = PollSettings(
-    first_poll=0.02, min_interval=0.005, max_interval=0.1, webhook_grace=0.2, webhook_unknown_wait=0.3
+    first_poll=0.02, min_interval=0.005, max_interval=0.1, webhook_grace=0.1, webhook_unknown_wait=0.15
 )
 PATIENT = PollSettings(first_poll=0.02, min_interval=0.005, max_interval=0.1, webhook_unknown_wait=30.0)
 
