@@ -194,7 +194,8 @@ async def test_usage_errors_exit_2_and_help_documents_the_codes(tmp_path: Path) 
 
 
 async def test_demo_needs_no_keys_and_writes_pngs(tmp_path: Path) -> None:
-    code, stdout, stderr = await cli("demo", "--jobs", "6", "--duration", "0.05", "-o", str(tmp_path), keys={})
+    demo = ("demo", "--jobs", "6", "--duration", "0.05", "-o", str(tmp_path))
+    code, stdout, stderr = await cli(*demo, keys={})
     assert code == 0, stderr
     assert "demo summary" in stdout and "every job created exactly once" in stdout
     for name in MODELS:
