@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,13 @@ def fingerprint(key: str) -> str:
 # The limit across processes.
 
 
-async def run_workers(workers: int, *options: str, timeout: float = 60) -> list[dict[str, Any]]:
-    """``workers`` worker processes (forked by one redis_worker.py), started together; their reports."""
+async def run_workers(
+    workers: int, *options: str, timeout: float = 60, before_go: Callable[[], Awaitable[object]] | None = None
+) -> list[dict[str, Any]]:
+    """``workers`` worker processes (forked by one redis_worker.py), started together; their reports.
+
+    ``before_go`` is awaited while the workers start (e.g. the server they will use).
+    """
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         str(WORKER),
@@ -128,6 +133,8 @@ async def run_workers(workers: int, *options: str, timeout: float = 60) -> list[
     )
     assert child.stdin is not None and child.stdout is not None
     try:
+        if before_go is not None:
+            await before_go()
         for _ in range(workers):
             assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
         child.stdin.close()  # all start together
@@ -147,11 +154,16 @@ async def test_three_processes_share_one_keys_limit(redis_url: str, namespace: s
     rate, jobs, workers = 20.0, 12, 3
     # The emulator in its own process, as a provider: in this one, a loaded test process would
     # bunch the arrivals that the workers sent evenly.
-    async with EmulatorProcess("--dh3-qps", str(rate), "--duration", "0.2", "--no-record") as emulator:
-        options = ("--redis", redis_url, "--namespace", namespace, "--emulator", emulator.url)
+    # It starts while the workers do (its port chosen first), not before them.
+    port = free_port()
+    emulator = EmulatorProcess("--dh3-qps", str(rate), "--duration", "0.2", "--no-record", f"--port={port}")
+    try:
+        options = ("--redis", redis_url, "--namespace", namespace, "--emulator", f"http://127.0.0.1:{port}")
         options += ("--key", KEYS["dh3"], "--rate", str(rate), "--jobs", str(jobs))
-        reports = await run_workers(workers, *options, timeout=40)
+        reports = await run_workers(workers, *options, timeout=40, before_go=emulator.start)
         stats = await emulator.stats()
+    finally:
+        await emulator.close()
     total = jobs * workers
     assert total > 1.5 * rate
     assert stats["creates"]["dh3"] == total and stats["create_requests"]["dh3"] == total
