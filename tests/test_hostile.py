@@ -382,9 +382,9 @@ async def test_an_unknown_status_word_warns_once_per_job(
 async def test_a_huge_estimate_still_gets_a_poll_before_the_deadline(
     make_session: SessionFactory, emulator: Emulator
 ) -> None:
-    emulator.config.estimate_bias = 1e6  # estimated_duration: 50,000 s for a 0.05 s job
+    emulator.config.estimate_bias = 1e6  # estimated_duration: 20,000 s for a 0.02 s job
     handle = await make_session().get3w.submit(
-        "google/nano-banana-pro/text-to-image", prompt="a fox", timeout=1.0
+        "google/nano-banana-pro/text-to-image", prompt="a fox", timeout=0.5
     )
     assert handle.estimated_duration is not None and handle.estimated_duration > 1000
     assert (await handle).ok and handle.polls >= 1
