@@ -55,7 +55,7 @@ def test_a_settled_job_counts_what_it_cost() -> None:
 async def test_200_jobs_on_a_capped_account_all_finish(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
-    emulator.config.duration = 0.025
+    emulator.config.duration = 0.05
     emulator.config.max_concurrent = {"nananobanana": 10}
     stats = await run_batch(
         make_session(polling=QUICK), "nananobanana", NANO, prompts(200), out_dir=tmp_path, download=False
