@@ -25,7 +25,7 @@ SessionFactory = Callable[..., AsyncSession]
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[Emulator]:
-    config = EmulatorConfig(duration=0.05, dh3_qps=None, api_keys=dict(KEYS))
+    config = EmulatorConfig(duration=0.02, dh3_qps=None, api_keys=dict(KEYS))
     async with Emulator(config) as emu:
         yield emu
 

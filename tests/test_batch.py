@@ -34,18 +34,18 @@ def prompts(count: int, fail_every: int = 0) -> Iterator[JobSpec]:
         yield {"prompt": f"fox number {i}{marker}", "aspect_ratio": "1:1"}
 
 
-async def test_1000_jobs_stream_through_with_bounded_reading(
+async def test_300_jobs_stream_through_with_bounded_reading(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
     emulator.config.record_requests = False
     session = make_session()
-    concurrency = 64
+    jobs_count, concurrency = 300, 64  # several times the concurrency: lines read as slots free
     seen = BatchStats()
     widest = 0
 
     def jobs() -> Iterator[JobSpec]:
         nonlocal widest
-        for number, spec in enumerate(prompts(1000, fail_every=100), 1):
+        for number, spec in enumerate(prompts(jobs_count, fail_every=100), 1):
             # Lines are read only as slots free up: never more than `concurrency` ahead.
             widest = max(widest, number - seen.finished)
             yield spec
@@ -58,13 +58,15 @@ async def test_1000_jobs_stream_through_with_bounded_reading(
     stats = await run_batch(
         session, "dh3", DH3, jobs(), out_dir=tmp_path, concurrency=concurrency, on_progress=track
     )
-    assert (stats.done, stats.failed, stats.uncertain, stats.unfinished) == (990, 10, 0, 0)
+    failing = jobs_count // 100
+    assert (stats.done, stats.failed) == (jobs_count - failing, failing)
+    assert (stats.uncertain, stats.unfinished) == (0, 0)
     assert widest <= concurrency + 1
-    assert emulator.stats.creates["dh3"] == 1000
+    assert emulator.stats.creates["dh3"] == jobs_count
     lines = results(tmp_path)
-    assert sorted(r["line"] for r in lines) == list(range(1, 1001))
+    assert sorted(r["line"] for r in lines) == list(range(1, jobs_count + 1))
     files = names(tmp_path)
-    assert files == sorted(f for r in lines for f in r["files"]) and len(files) == 990
+    assert files == sorted(f for r in lines for f in r["files"]) and len(files) == jobs_count - failing
     assert all(r["error"] == "" or r["status"] == "done" or "Upstream" in r["error"] for r in lines)
     assert set(states(tmp_path).values()) == {"done", "failed"}
 

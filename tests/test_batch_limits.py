@@ -92,7 +92,8 @@ async def test_the_cli_stops_on_no_credits_with_exit_1_and_a_rerun_finishes(
     source = write_jobs(tmp_path / "jobs.jsonl", [f"a fox, take {i}" for i in range(8)])
     out = tmp_path / "out"
     args = ("batch", str(source), "--provider", "nananobanana", "--model", NANO, "-o", str(out))
-    args += ("--base-url", emulator.url, "--no-download", "--first-poll", "0.01")
+    args += ("--base-url", emulator.url, "--no-download")
+    args += ("--first-poll", "0.01", "--min-poll-interval", "0.005")
     keys = {"NANANOBANANA_API_KEY": KEYS["nananobanana"]}
     code, stdout, stderr = await cli(*args, keys=keys)
     assert code == 1, stdout + stderr

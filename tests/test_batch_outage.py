@@ -42,7 +42,7 @@ from image_gen_async.errors import (
 )
 from image_gen_async.testing import Emulator, EmulatorConfig
 
-from .batch_helpers import closed_port, names, results, state_counts, states, wait_for
+from .batch_helpers import closed_port, end_running_tasks, names, results, state_counts, states, wait_for
 from .conftest import KEYS, MODELS, SessionFactory
 
 DH3 = MODELS["dh3"]
@@ -177,6 +177,7 @@ async def test_a_session_closed_under_a_running_batch_stops_it_at_once(
     assert emulator.stats.create_requests["dh3"] == 2  # nothing sent after the close
 
     emulator.config.duration = 0.05
+    end_running_tasks(emulator)  # the rerun resumes them: no need to wait out their second
     again = await run_batch(make_session(), "dh3", DH3, prompts(10), out_dir=tmp_path)
     assert (again.done, again.resumed, again.created) == (10, 2, 8)
     assert emulator.stats.creates["dh3"] == 10
@@ -213,6 +214,8 @@ async def test_a_stopped_batch_leaves_running_tasks_for_a_rerun_instead_of_polli
 
     with contextlib.closing(sqlite3.connect(tmp_path / JOURNAL_NAME)) as db:
         db.execute("DROP TRIGGER full")
+    emulator.config.duration = 0.05  # for job 3, created by the rerun
+    end_running_tasks(emulator)  # the rerun resumes them: no need to wait out their 1.2 s
     again = await run_batch(make_session(), "dh3", DH3, prompts(3), out_dir=tmp_path)
     assert (again.done, again.resumed, again.created) == (3, 2, 1)
     assert emulator.stats.creates["dh3"] == 3

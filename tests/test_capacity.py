@@ -193,7 +193,8 @@ async def gathered_against_a_cap(jobs: int, cap: int, duration: float) -> tuple[
 async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete_with_few_refusals() -> None:
     jobs = 1000
     _, stats = await gathered_against_a_cap(jobs, 10, 0.01)
-    assert stats["capacity_refusals"].get("nananobanana", 0) <= 0.05 * jobs
+    refusals = stats["capacity_refusals"].get("nananobanana", 0)
+    assert refusals <= 0.05 * jobs, refusals
 
 
 async def test_the_cap_is_kept_full() -> None:
@@ -215,7 +216,7 @@ async def test_get3w_429_cap_learned_the_same_way(make_session: SessionFactory, 
     )
     assert all(result.ok for result in await asyncio.gather(*handles))
     assert emulator.stats.creates["get3w"] == jobs
-    assert emulator.stats.capacity_refusals["get3w"] <= 0.05 * jobs
+    assert emulator.stats.capacity_refusals["get3w"] <= 0.05 * jobs, emulator.stats.capacity_refusals
     assert all(handle.retries == 0 for handle in handles)
 
 
@@ -259,9 +260,9 @@ async def test_waiting_for_capacity_is_bounded_by_the_jobs_deadline(
 async def test_a_cancelled_handle_keeps_its_place_while_its_task_is_likely_to_run(
     make_session: SessionFactory, emulator: Emulator
 ) -> None:
-    emulator.config.duration = 0.3
+    emulator.config.duration = 0.15
     session = make_session(polling=QUICK, max_concurrent={"dh3": 1})
-    assert (await (await session.dh3.submit(MODELS["dh3"], prompt="teaches 0.3 s"))).ok
+    assert (await (await session.dh3.submit(MODELS["dh3"], prompt="teaches 0.15 s"))).ok
     handle = await session.dh3.submit(MODELS["dh3"], prompt="cancelled")
     handle.cancel()  # the task runs on at the provider, and still counts against the cap
     assert session.dh3.capacity.in_flight == 1

@@ -1,20 +1,31 @@
-"""The command line, run as a user runs it: a child process against the emulator on loopback."""
+"""The command line as a user runs it, against the emulator on loopback.
+
+Most tests call ``main(argv)`` in-process (in a thread, as it runs its own event loop) with the
+environment, stdout and stderr of a child process; the tests that kill a batch, and one smoke
+test of the console script and ``python -m``, start real child processes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import os
 import random
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import aiohttp.web
 
-from image_gen_async.testing import Emulator, EmulatorProcess
+from image_gen_async.cli import main
+from image_gen_async.testing import Emulator, EmulatorConfig
 
 from .batch_helpers import names, results, state_counts
 from .conftest import KEYS, MODELS
@@ -30,6 +41,7 @@ def environment(keys: dict[str, str]) -> dict[str, str]:
 
 
 async def start(*args: str, keys: dict[str, str] = KEY_ENV) -> asyncio.subprocess.Process:
+    """``python -m image_gen_async ARGS`` as a child process, for the tests that kill it."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -42,11 +54,54 @@ async def start(*args: str, keys: dict[str, str] = KEY_ENV) -> asyncio.subproces
 
 
 async def cli(*args: str, keys: dict[str, str] = KEY_ENV) -> tuple[int, str, str]:
-    """Run ``python -m image_gen_async ARGS`` to its end: exit code, stdout, stderr."""
-    process = await start(*args, keys=keys)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    """Run ``image-gen-async ARGS`` to its end in-process: exit code, stdout, stderr."""
+    return await asyncio.wait_for(asyncio.to_thread(_run_main, list(args), keys), 60)
+
+
+# One in-process run at a time: the environment, sys.stdout and sys.stderr are the process's.
+_MAIN_LOCK = threading.Lock()
+
+
+def _run_main(argv: list[str], keys: dict[str, str]) -> tuple[int, str, str]:
+    """``main(argv)`` with the environment ``keys`` gives and its own stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        _MAIN_LOCK,
+        _environ(environment(keys)),
+        _logger_restored(),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse: usage errors and --help
+            code = exit.code if isinstance(exit.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` is ``values`` inside, as a child process's would be; restored after."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _logger_restored() -> Iterator[None]:
+    """``main`` configures the library's logger as a process would; undo it for the next test."""
+    logger = logging.getLogger("image_gen_async")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 def write_jobs(path: Path, prompts: list[str]) -> Path:
@@ -92,12 +147,23 @@ async def test_generate_prints_the_result_and_saves_it(emulator: Emulator, tmp_p
     assert code == 1 and "TaskFailedError" in stderr and len(stderr.strip().splitlines()) == 1
 
 
-async def test_the_console_script_is_installed() -> None:
-    # The README's first set-up command runs it from the venv's bin directory.
+async def test_the_console_script_and_python_m_run_as_child_processes() -> None:
+    """The one smoke test of real child processes: the installed script and ``python -m``."""
+    # The README's first set-up command runs the script from the venv's bin directory.
     script = Path(sys.executable).parent / "image-gen-async"
-    process = await asyncio.create_subprocess_exec(str(script), "--version", stdout=asyncio.subprocess.PIPE)
-    out, _ = await process.communicate()
-    assert process.returncode == 0 and out.startswith(b"image-gen-async ")
+    version = await asyncio.create_subprocess_exec(str(script), "--version", stdout=asyncio.subprocess.PIPE)
+    emulator = await start("emulator", "--port", "0", "--duration", "0.01")
+    try:
+        out, _ = await asyncio.wait_for(version.communicate(), 30)
+        assert version.returncode == 0 and out.startswith(b"image-gen-async ")
+        assert emulator.stdout is not None
+        line = (await asyncio.wait_for(emulator.stdout.readline(), 30)).decode()
+        url = line.split(" serving on ")[1].split()[0]
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/_emulator/stats") as answer:
+            assert answer.status == 200
+    finally:
+        emulator.terminate()
+        await emulator.wait()
 
 
 async def test_a_missing_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -117,8 +183,7 @@ async def test_usage_errors_exit_2_and_help_documents_the_codes(tmp_path: Path) 
         ("batch", str(tmp_path / "missing.jsonl"), "--provider", "dh3", "--model", DH3, "-o", str(tmp_path)),
         ("batch", str(tmp_path), "--provider", "dh3", "--model", DH3, "-o", "o", "--concurrency", "0"),
     ]
-    # Each is its own process: run them side by side.
-    outcomes = await asyncio.gather(*(cli(*args) for args in usage), cli("--help"), cli("batch", "--help"))
+    outcomes = [await cli(*args) for args in (*usage, ("--help",), ("batch", "--help"))]
     for args, (code, _, stderr) in zip(usage, outcomes, strict=False):
         assert code == 2, args
         assert "Traceback" not in stderr
@@ -129,7 +194,8 @@ async def test_usage_errors_exit_2_and_help_documents_the_codes(tmp_path: Path) 
 
 
 async def test_demo_needs_no_keys_and_writes_pngs(tmp_path: Path) -> None:
-    code, stdout, stderr = await cli("demo", "--jobs", "6", "--duration", "0.1", "-o", str(tmp_path), keys={})
+    demo = ("demo", "--jobs", "6", "--duration", "0.05", "-o", str(tmp_path))
+    code, stdout, stderr = await cli(*demo, keys={})
     assert code == 0, stderr
     assert "demo summary" in stdout and "every job created exactly once" in stdout
     for name in MODELS:
@@ -137,19 +203,6 @@ async def test_demo_needs_no_keys_and_writes_pngs(tmp_path: Path) -> None:
         assert len(names(tmp_path / name)) == len(done) > 0
     code, _, stderr = await cli("demo", "-o", str(tmp_path), keys={})
     assert code == 2 and "earlier demo" in stderr
-
-
-async def test_emulator_command_serves_on_the_given_port() -> None:
-    process = await start("emulator", "--port", "0", "--duration", "0.01")
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        url = line.split(" serving on ")[1].split()[0]
-        async with aiohttp.ClientSession() as http, http.get(f"{url}/_emulator/stats") as answer:
-            assert answer.status == 200
-    finally:
-        process.terminate()
-        await process.wait()
 
 
 async def kill_at_progress(process: asyncio.subprocess.Process, out: Path, progress: int) -> None:
@@ -176,13 +229,16 @@ async def kill_at_progress(process: asyncio.subprocess.Process, out: Path, progr
 
 
 async def test_batch_killed_three_times_pays_each_job_once(tmp_path: Path) -> None:
-    lines = 120
+    lines = 60
     source = write_jobs(tmp_path / "jobs.jsonl", [f"a fox, take {i}" for i in range(lines)])
     out = tmp_path / "out"
     seed = random.randrange(1 << 30)
-    thresholds = sorted(random.Random(seed).sample(range(10, lines - 10), 3))
-    emulator_args = ("--duration", "0.1", "--duration-spread", "0.5", "--dh3-qps", "100", "--no-record")
-    async with EmulatorProcess(*emulator_args, "--api-key", f"dh3={KEYS['dh3']}") as emulator:
+    thresholds = sorted(random.Random(seed).sample(range(8, lines - 8), 3))
+    # The batch is the child process killed; the emulator can live in this one.
+    config = EmulatorConfig(
+        duration=0.1, duration_spread=0.5, dh3_qps=100, api_keys={"dh3": KEYS["dh3"]}, record_requests=False
+    )
+    async with Emulator(config) as emulator:
         args = (
             "batch", str(source), "--provider", "dh3", "--model", DH3, "-o", str(out),
             "--base-url", emulator.url, "--rate", "80", "--concurrency", "32",
@@ -191,12 +247,12 @@ async def test_batch_killed_three_times_pays_each_job_once(tmp_path: Path) -> No
         for progress in thresholds:
             await kill_at_progress(await start(*args), out, progress)
         code, stdout, stderr = await cli(*args)
-        stats = await emulator.stats()
+        stats = emulator.stats
     context = f"seed {seed}, kills at {thresholds}"
     assert code == 0, f"{context}: {stdout}\n{stderr}"
-    assert stats["creates"]["dh3"] == lines, context
+    assert stats.creates["dh3"] == lines, context
     # Every create request beyond the creates was a 429, and each of those was retried.
-    assert stats["create_requests"]["dh3"] == lines + stats["rate_limited"].get("dh3", 0), context
+    assert stats.create_requests["dh3"] == lines + stats.rate_limited.get("dh3", 0), context
     records = results(out)
     assert sorted(r["line"] for r in records) == list(range(1, lines + 1)), context
     assert {r["status"] for r in records} == {"done"}

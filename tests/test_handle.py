@@ -166,7 +166,7 @@ async def test_a_poll_cancelled_from_outside_ends_its_handle(
     session: AsyncSession, emulator: Emulator
 ) -> None:
     handle = await session.dh3.submit("nano-banana-pro", prompt="a cat")
-    emulator.config.faults.slow, emulator.config.faults.slow_seconds = 1.0, 1.0  # polls stay on the wire
+    emulator.config.faults.slow, emulator.config.faults.slow_seconds = 1.0, 0.3  # polls stay on the wire
     follower = next(follower for follower in session._follow.followers if follower.handle is handle)
     await wait_for(lambda: follower.polling is not None)
     assert follower.polling is not None

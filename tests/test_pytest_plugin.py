@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 pytest_plugins = ("pytester",)
+# In this process (pytester's in-process run): the plugin loads from its entry point as for a user.
+QUIET = ("-p", "no:cacheprovider", "-o", "asyncio_default_fixture_loop_scope=function", "-q")
 
 USER_TESTS = '''
 import pytest
@@ -42,7 +44,7 @@ async def test_a_wrong_expectation_fails(image_gen_session, image_gen_emulator):
 def test_a_users_tests_pass_and_fail_as_they_should(pytester: pytest.Pytester, mode: str) -> None:
     mark = "" if mode == "auto" else "@pytest.mark.asyncio"
     pytester.makepyfile(test_user=USER_TESTS.format(mark=mark))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", f"asyncio_mode={mode}", "-q")
+    result = pytester.runpytest_inprocess(*QUIET, "-o", f"asyncio_mode={mode}")
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*test_a_wrong_expectation_fails*"])
 
@@ -57,8 +59,6 @@ async def test_bad(image_gen_emulator):
     pass
 """
     )
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "--strict-markers", "-q"
-    )
+    result = pytester.runpytest_inprocess(*QUIET, "-o", "asyncio_mode=auto", "--strict-markers")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*unknown setting 'no_such_setting'*"])

@@ -7,7 +7,6 @@ processes as far as Redis can tell; the crash and scale-out tests use real proce
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import signal
@@ -26,6 +25,7 @@ from image_gen_async._capacity import SLOW_START, Slot
 from image_gen_async._redis_capacity import LEASE, RedisGate, fallback_places
 from image_gen_async.testing import Emulator
 
+from . import test_redis
 from .conftest import KEYS, MODELS, SessionFactory
 from .test_redis import WORKER, RedisServer, fingerprint, redis_executable
 
@@ -183,7 +183,7 @@ async def test_a_process_that_keeps_retaking_its_places_leaves_a_waiting_one_its
 async def test_a_crashed_holders_places_come_back_after_its_lease(
     gates: GateFactory, redis_url: str, namespace: str, gate_key: str
 ) -> None:
-    lease = 0.3
+    lease = 0.2
     holder = await asyncio.create_subprocess_exec(
         sys.executable,
         str(WORKER),
@@ -331,9 +331,7 @@ async def test_gate_keys_name_a_hash_of_the_key_and_expire(
 async def test_unreachable_redis_fails_admission_loudly_and_sends_nothing(
     make_session: SessionFactory, emulator: Emulator
 ) -> None:
-    server = RedisServer(redis_executable())
-    server.start()
-    server.stop()
+    server = RedisServer(redis_executable())  # never started: connections are refused
     session = make_session(limiter_backend=RedisBackend(server.url))
     with pytest.raises(BackendUnavailableError, match=re.escape("nananobanana create limit (tasks at once)")):
         await session.nananobanana.submit(MODELS["nananobanana"], prompt="a fox")
@@ -345,10 +343,8 @@ async def test_fallback_share_runs_a_local_share_then_returns_to_redis(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(redis_limit, "RETRY_REDIS_AFTER", 0.2)
-    server = RedisServer(redis_executable())
-    server.start()
-    server.stop()
+    monkeypatch.setattr(redis_limit, "RETRY_REDIS_AFTER", 0.1)
+    server = RedisServer(redis_executable())  # not started yet: Redis is away
     backend = RedisBackend(server.url, fallback_share=0.5)
     session = make_session(limiter_backend=backend, max_concurrent={"nananobanana": 4})
     client = session.nananobanana
@@ -361,7 +357,7 @@ async def test_fallback_share_runs_a_local_share_then_returns_to_redis(
         assert len([r for r in caplog.records if "at most 2 tasks at once" in r.message]) == 1
         server.start()
         try:
-            await asyncio.sleep(0.25)  # past the time to try Redis again
+            await asyncio.sleep(0.15)  # past the time to try Redis again
             handle = await client.submit(MODELS["nananobanana"], prompt="back on the shared capacity")
             assert any("back on the shared capacity" in r.message for r in caplog.records)
             assert client.capacity.window == 4
@@ -373,7 +369,7 @@ async def test_fallback_share_runs_a_local_share_then_returns_to_redis(
             server.stop()
 
 
-# The issue's scenario: four processes, one key, a server that runs 10 tasks at once.
+# The issue's scenario (with three processes rather than four): one key, a server that runs 10 tasks at once.
 
 
 class CappedServer:
@@ -437,50 +433,28 @@ async def capped() -> AsyncIterator[tuple[CappedServer, str]]:
         await runner.cleanup()
 
 
+WORKERS = 3  # processes sharing one key: enough to share, few enough to start quickly
+
+
 async def run_workers(
     url: str, redis_url: str, namespace: str, jobs: int, *options: str
 ) -> list[dict[str, Any]]:
-    """Four worker processes on one nananobanana key, started together; their reports."""
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(WORKER),
-            *("--redis", redis_url, "--namespace", namespace, "--emulator", url),
-            *("--client", "nananobanana", "--model", MODELS["nananobanana"], "--key", KEYS["nananobanana"]),
-            *("--name", str(n), "--jobs", str(jobs), "--first-poll", "0.02", *options),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for n in range(4)
-    ]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.write(b"go\n")
-            await child.stdin.drain()
-        reports = []
-        for child in children:
-            assert child.stdout is not None
-            reports.append(json.loads(await asyncio.wait_for(child.stdout.readline(), 60)))
-            assert await child.wait() == 0
-        return reports
-    finally:
-        for child in children:
-            if child.returncode is None:
-                child.kill()
-                await child.wait()
+    """``WORKERS`` worker processes on one nananobanana key, started together; their reports."""
+    return await test_redis.run_workers(
+        WORKERS,
+        *("--redis", redis_url, "--namespace", namespace, "--emulator", url),
+        *("--client", "nananobanana", "--model", MODELS["nananobanana"], "--key", KEYS["nananobanana"]),
+        *("--jobs", str(jobs), "--first-poll", "0.02", *options),
+    )
 
 
-async def test_four_processes_learn_and_share_one_keys_cap(
+async def test_three_processes_learn_and_share_one_keys_cap(
     capped: tuple[CappedServer, str], redis_url: str, namespace: str
 ) -> None:
     server, url = capped
     jobs = 100  # the learning costs a few refusals once: enough jobs to see the steady rate
     reports = await run_workers(url, redis_url, namespace, jobs)
-    total = 4 * jobs
+    total = WORKERS * jobs
     assert sum(report["jobs"] for report in reports) == total  # every job completed (asserted ok in each)
     assert server.creates == total
     assert server.peak_running <= server.cap
@@ -490,13 +464,13 @@ async def test_four_processes_learn_and_share_one_keys_cap(
     assert max(report["first"] for report in reports) < min(report["last"] for report in reports)
 
 
-async def test_four_processes_with_a_configured_cap_never_exceed_it(
+async def test_three_processes_with_a_configured_cap_never_exceed_it(
     capped: tuple[CappedServer, str], redis_url: str, namespace: str
 ) -> None:
     server, url = capped
     jobs = 30
     reports = await run_workers(url, redis_url, namespace, jobs, "--max-concurrent", "10")
-    assert server.creates == 4 * jobs and server.refusals == 0
+    assert server.creates == WORKERS * jobs and server.refusals == 0
     # Never more tasks created and not yet seen finished than the cap, and the cap kept full.
     assert server.peak_untold == server.cap
     # Every process had its turns all along: none waited until the others were done.

@@ -63,7 +63,7 @@ async def test_one_slow_job_timing_out_does_not_stop_the_batch(
 async def test_waiting_for_capacity_past_a_deadline_pauses_and_is_not_a_journal_failure(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
-    emulator.config.duration = 0.1
+    emulator.config.duration = 0.05
     emulator.config.max_concurrent = {"nananobanana": 2}
     stats = await run_batch(
         make_session(polling=QUICK, max_concurrent={"nananobanana": 2}),
@@ -72,7 +72,7 @@ async def test_waiting_for_capacity_past_a_deadline_pauses_and_is_not_a_journal_
         ({"prompt": f"a fox, take {i}"} for i in range(30)),
         out_dir=tmp_path,
         download=False,
-        timeout=0.5,  # 20 jobs queue for 2 places of 0.1 s tasks: the last wait ~1 s
+        timeout=0.25,  # 20 jobs queue for 2 places of 0.05 s tasks: the last wait ~0.5 s
         concurrency=20,
         pauses=PauseSettings(first=0.05, cap=0.1, max_pauses=10),
     )
@@ -89,7 +89,9 @@ async def test_the_cli_finishes_the_other_lines_when_one_job_times_out(
     source = write_jobs(tmp_path / "jobs.jsonl", ["a fox [slow]"] + [f"a fox, take {i}" for i in range(11)])
     out = tmp_path / "out"
     args = ("batch", str(source), "--provider", "nananobanana", "--model", NANO, "-o", str(out))
-    args += ("--base-url", emulator.url, "--no-download", "--first-poll", "0.01", "--timeout", "0.3")
+    args += ("--base-url", emulator.url, "--no-download")
+    args += ("--first-poll", "0.01", "--min-poll-interval", "0.005")
+    args += ("--timeout", "0.3")
     args += ("--max-concurrent", "2", "--max-credits", "50", "--concurrency", "2")
     code, stdout, stderr = await cli(*args, keys={"NANANOBANANA_API_KEY": KEYS["nananobanana"]})
     assert code == 1, stdout + stderr  # the slow job is left unfinished: a rerun polls it

@@ -184,7 +184,7 @@ async def test_review_an_uncertain_create_frees_a_place_its_task_still_holds(
     # is lost (SubmitUncertainError): the task runs, yet its place is handed on at once, so the
     # next create goes out over the cap and is refused (and the window is cut below the cap).
     config = EmulatorConfig(
-        duration=0.3, dh3_qps=None, api_keys=dict(KEYS), max_concurrent={"nananobanana": 1}
+        duration=0.15, dh3_qps=None, api_keys=dict(KEYS), max_concurrent={"nananobanana": 1}
     )
     async with Emulator(config) as emulator:
         session = make_session(
