@@ -194,13 +194,16 @@ async def test_usage_errors_exit_2_and_help_documents_the_codes(tmp_path: Path) 
 
 
 async def test_demo_needs_no_keys_and_writes_pngs(tmp_path: Path) -> None:
-    demo = ("demo", "--jobs", "6", "--duration", "0.05", "-o", str(tmp_path))
+    demo = ("demo", "--jobs", "20", "--duration", "0.05", "-o", str(tmp_path))
     code, stdout, stderr = await cli(*demo, keys={})
     assert code == 0, stderr
     assert "demo summary" in stdout and "every job created exactly once" in stdout
-    for name in MODELS:
+    assert "router targets" in stdout and "dh3:nano-banana-pro#" in stdout
+    for name in (*MODELS, "router"):
         done = [r for r in results(tmp_path / name) if r["status"] == "done"]
         assert len(names(tmp_path / name)) == len(done) > 0
+    routes = {r["route"].split(":")[0] for r in results(tmp_path / "router")}
+    assert routes == {"dh3", "get3w", "nananobanana"}  # the routed batch filled all three
     code, _, stderr = await cli("demo", "-o", str(tmp_path), keys={})
     assert code == 2 and "earlier demo" in stderr
 
