@@ -1,0 +1,251 @@
+"""The router as a demanding user and a hostile provider see it: never pay twice, no leaks, honest stats."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from image_gen_async import (
+    AdmissionTimeoutError,
+    AsyncSession,
+    ConfigurationError,
+    SubmitUncertainError,
+    Target,
+    TaskFailedError,
+)
+from image_gen_async.models import TaskStatus
+from image_gen_async.testing import Emulator, EmulatorConfig
+
+from .router_helpers import DH3, GET3W, prompts_created, session_on
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    """An emulator taking any key, so that several keys of one provider are several accounts."""
+    async with Emulator(EmulatorConfig(duration=0.05, dh3_qps=None)) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[list[AsyncSession]]:
+    made: list[AsyncSession] = []
+    yield made
+    for session in made:
+        await session.close()
+
+
+def opened(sessions: list[AsyncSession], *emulators: Emulator, **options: Any) -> AsyncSession:
+    session = session_on(*emulators, **options)
+    sessions.append(session)
+    return session
+
+
+GET3W_CREATE = "POST /v1/google/nano-banana-pro/text-to-image"
+
+
+# --- never paying twice ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["500", "502", "drop_after"])
+async def test_a_create_that_may_have_been_made_is_not_sent_to_the_next_lane(
+    sessions: list[AsyncSession], emu: Emulator, fault: str
+) -> None:
+    emu.script("get3w", "create", fault)
+    router = opened(sessions, emu).router([GET3W, DH3])
+    with pytest.raises(SubmitUncertainError):
+        await router.submit(prompt="maybe made")
+    assert emu.stats.create_requests["get3w"] == 1 and emu.stats.create_requests["dh3"] == 0
+    assert router.stats[router.lanes[0]].in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "moved"),
+    [
+        (503, {"code": 503, "message": "server_busy"}, True),  # capacity: nothing made
+        (503, {"code": 500, "message": "server error"}, False),  # a 503 saying a server error
+        (429, {"code": 429, "message": "rate limited", "data": {"id": "task-made"}}, False),
+        (429, {"id": "task-made", "status": "failed", "error": "rate limited"}, False),
+        (429, {"code": 429, "message": "rate limited"}, True),
+    ],
+)
+async def test_a_refusal_moves_on_only_when_it_says_nothing_was_made(
+    sessions: list[AsyncSession], emu: Emulator, odd_server: Any, status: int, body: Any, moved: bool
+) -> None:
+    received: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        received.append((await request.json())["prompt"])
+        return web.json_response(body, status=status)
+
+    odd = await odd_server({GET3W_CREATE: answer})
+    router = opened(sessions, emu, base_urls={"get3w": odd, "dh3": emu.url}).router([GET3W, DH3])
+    if moved:
+        handle = await router.submit(prompt="refused or maybe made")
+        assert handle.provider == "dh3"
+        await handle
+    else:
+        with pytest.raises(SubmitUncertainError):
+            await router.submit(prompt="refused or maybe made")
+    assert received == ["refused or maybe made"]
+    assert emu.stats.creates["dh3"] == (1 if moved else 0)
+
+
+async def test_a_submit_cancelled_while_its_create_is_on_the_wire_is_an_orphan_never_resent(
+    sessions: list[AsyncSession], emu: Emulator, odd_server: Any
+) -> None:
+    arrived, answer_now = asyncio.Event(), asyncio.Event()
+
+    async def slow_accept(request: web.Request) -> web.Response:
+        await request.read()
+        arrived.set()
+        await answer_now.wait()
+        return web.json_response({"id": "made-1", "status": "created"})
+
+    odd = await odd_server({GET3W_CREATE: slow_accept})
+    session = opened(sessions, emu, base_urls={"get3w": odd, "dh3": emu.url})
+    router = session.router([GET3W, DH3])
+    submit = asyncio.ensure_future(router.submit(prompt="cancelled on the wire"))
+    await arrived.wait()
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    answer_now.set()
+    for _ in range(200):  # the shielded exchange is read to its end in the background
+        if session.orphans:
+            break
+        await asyncio.sleep(0.005)
+    assert [orphan.task_id for orphan in session.orphans] == ["made-1"]
+    assert sum(emu.stats.create_requests.values()) == 0  # never re-sent on the other lane
+    assert all(lane.in_flight == 0 for lane in router.stats.values())
+
+
+# --- a key revoked or out of credits mid-run ------------------------------------------
+
+
+async def test_a_key_revoked_mid_run_moves_jobs_to_the_other_key_of_the_same_provider(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    session = opened(sessions, emu, keys={"dh3": ["sk-one", "sk-two"]})
+    router = session.router([DH3])
+    one, two = router.lanes
+    await (await router.submit(prompt="before the revoke"))
+    emu.config = dataclasses.replace(emu.config, api_keys={"dh3": "sk-two"})  # sk-one is revoked
+    handles = [await router.submit(prompt=f"after {index}") for index in range(4)]
+    await asyncio.gather(*handles)
+    assert {handle.route for handle in handles} == {two}
+    assert router.stats[one].health == "circuit open" and router.stats[one].refused == 1
+    assert set(prompts_created(emu).values()) == {1}
+    assert all(lane.in_flight == 0 for lane in router.stats.values())
+
+
+# --- waiting for a lane ---------------------------------------------------------------
+
+
+async def test_jobs_timed_out_or_cancelled_while_waiting_leave_no_reserved_place_behind(
+    sessions: list[AsyncSession], emu: Emulator, odd_server: Any
+) -> None:
+    emu.config.max_concurrent = {"dh3": 1}
+    emu.config = dataclasses.replace(emu.config, duration=0.3)
+    router = opened(sessions, emu).router([DH3])
+    first = await router.submit(prompt="holds the only place")
+    with pytest.raises(AdmissionTimeoutError):
+        await router.submit(prompt="times out waiting", timeout=0.05)
+    waiting = asyncio.ensure_future(router.submit(prompt="cancelled waiting"))
+    await asyncio.sleep(0)  # it joins the line
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await first
+    after = await router.submit(prompt="starts once the place is free", timeout=2.0)
+    await after
+    assert sorted(prompts_created(emu)) == ["holds the only place", "starts once the place is free"]
+    assert router._waiting == 0  # no waiter counted that is gone (a count leaked skips the fast path)
+
+
+async def test_a_job_only_one_lane_can_take_is_not_starved_by_jobs_any_lane_can_take(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.config.max_concurrent = {"get3w": 1, "dh3": 1}
+    router = opened(sessions, emu).router([DH3, GET3W])
+    busy = [await router.submit(prompt=f"busy {index}") for index in range(2)]
+    only_get3w = asyncio.ensure_future(router.submit(prompt="only get3w", aspect_ratio="1:4"))
+    await asyncio.sleep(0)
+    others = [asyncio.ensure_future(router.submit(prompt=f"any {index}")) for index in range(4)]
+    handle = await only_get3w
+    assert handle.provider == "get3w"
+    await asyncio.gather(*busy, handle, *[await other for other in others])
+    get3w_order = [t.input.get("prompt") for t in emu.tasks.values() if t.input.get("prompt")]
+    assert get3w_order.index("only get3w") <= 1  # the second task get3w ever ran, the first after busy
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, math.nan, math.inf, True, "2"])
+def test_a_weight_that_is_not_a_positive_finite_number_is_refused(weight: Any) -> None:
+    with pytest.raises(ConfigurationError, match="weight"):
+        Target("dh3", "nano-banana-pro", weight=weight)
+
+
+async def test_resume_with_a_label_of_another_router_or_no_str_is_refused(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    session = opened(sessions, emu)
+    router = session.router([DH3])
+    other = opened(sessions, emu, keys={"dh3": "sk-other"}).router([DH3])
+    for route in (other.lanes[0], None, 7, ""):
+        with pytest.raises(ConfigurationError):
+            router.resume("task-1", route)  # type: ignore[arg-type]
+    assert sum(emu.stats.polls.values()) == 0
+
+
+async def test_get3w_v3_is_a_target_on_the_get3w_key(sessions: list[AsyncSession], emu: Emulator) -> None:
+    router = opened(sessions, emu).router([Target("get3w_v3", "get3w/flux-dev"), DH3])
+    handle = await router.submit(prompt="on v3")
+    assert handle.provider == "get3w_v3"
+    assert (await handle).status is TaskStatus.COMPLETED
+
+
+# --- health ---------------------------------------------------------------------------
+
+
+async def test_a_lane_answering_500_to_every_create_is_not_paid_for_job_after_job(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.script("get3w", "create", "500", times=100)
+    router = opened(sessions, emu, retry_base=5.0, retry_cap=5.0).router([GET3W, DH3])
+    uncertain = done = 0
+    for index in range(10):
+        try:
+            handle = await router.submit(prompt=f"job {index}")
+        except SubmitUncertainError:
+            uncertain += 1
+            continue
+        assert handle.provider == "dh3"
+        await handle
+        done += 1
+    assert emu.stats.create_requests["get3w"] == uncertain == 3  # then skipped for its back-off
+    assert done == 7 and emu.stats.creates["dh3"] == 7
+    assert router.stats[router.lanes[0]].health == "backing off"
+
+
+async def test_in_flight_returns_to_zero_after_failed_and_cancelled_tasks(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.config = dataclasses.replace(emu.config, duration=0.3)
+    router = opened(sessions, emu).router([GET3W, DH3], rerun_failed=True)
+    failing = await router.submit(prompt="[fail] twice")
+    cancelled = await router.submit(prompt="cancelled while running")
+    cancelled.cancel()
+    with pytest.raises(TaskFailedError):
+        await failing
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.sleep(0)
+    assert {label: lane.in_flight for label, lane in router.stats.items()} == dict.fromkeys(router.lanes, 0)
