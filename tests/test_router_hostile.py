@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +20,11 @@ from image_gen_async import (
     Target,
     TaskFailedError,
 )
+from image_gen_async.batch import run_batch
 from image_gen_async.models import TaskStatus
 from image_gen_async.testing import Emulator, EmulatorConfig
 
+from .batch_helpers import journal_rows, results
 from .router_helpers import DH3, GET3W, prompts_created, session_on
 
 
@@ -249,3 +252,21 @@ async def test_in_flight_returns_to_zero_after_failed_and_cancelled_tasks(
         await cancelled
     await asyncio.sleep(0)
     assert {label: lane.in_flight for label, lane in router.stats.items()} == dict.fromkeys(router.lanes, 0)
+
+
+# --- batches --------------------------------------------------------------------------
+
+
+async def test_a_routed_batchs_uncertain_job_names_the_route_it_may_have_been_made_on(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    emu.script("get3w", "create", "drop_after")  # the first create is read, made, and not answered
+    async with session_on(emu) as session:
+        router = session.router([GET3W, DH3])
+        jobs = [{"prompt": f"fox {index}"} for index in range(2)]
+        stats = await run_batch(session, router, jobs, out_dir=tmp_path, concurrency=1)
+    assert (stats.uncertain, stats.done) == (1, 1)
+    assert sum(emu.stats.create_requests.values()) == 2 and set(prompts_created(emu).values()) == {1}
+    uncertain = next(record for record in results(tmp_path) if record["status"] == "uncertain")
+    assert uncertain["route"] == router.lanes[0]  # where to look for the task it may have made
+    assert dict(journal_rows(tmp_path, "SELECT line, route FROM jobs"))[uncertain["line"]] == router.lanes[0]
