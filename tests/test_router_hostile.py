@@ -97,6 +97,9 @@ async def test_a_refusal_moves_on_only_when_it_says_nothing_was_made(
             await router.submit(prompt="refused or maybe made")
     assert received == ["refused or maybe made"]
     assert emu.stats.creates["dh3"] == (1 if moved else 0)
+    get3w, dh3 = (router.stats[label] for label in router.lanes)
+    assert (get3w.created, get3w.refused, get3w.failed_over, get3w.in_flight) == (0, int(moved), int(moved), 0)
+    assert get3w.failed == int(not moved) and dh3.created == int(moved)
 
 
 async def test_a_submit_cancelled_while_its_create_is_on_the_wire_is_an_orphan_never_resent(
@@ -126,6 +129,34 @@ async def test_a_submit_cancelled_while_its_create_is_on_the_wire_is_an_orphan_n
     assert [orphan.task_id for orphan in session.orphans] == ["made-1"]
     assert sum(emu.stats.create_requests.values()) == 0  # never re-sent on the other lane
     assert all(lane.in_flight == 0 for lane in router.stats.values())
+
+
+async def test_a_sync_generate_whose_answer_is_late_is_uncertain_and_not_sent_elsewhere(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.config = dataclasses.replace(emu.config, faults=dataclasses.replace(emu.config.faults, slow_seconds=1.0))
+    emu.script("get3w", "create", "slow")
+    router = opened(sessions, emu).router([GET3W, DH3])
+    with pytest.raises(SubmitUncertainError):
+        await router.generate(prompt="late answer", timeout=0.2)
+    assert emu.stats.create_requests["get3w"] == 1 and emu.stats.create_requests["dh3"] == 0
+
+
+# --- capability -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"image_urls": [f"http://127.0.0.1/{index}.png" for index in range(9)]}, {"aspect_ratio": "1:4"}],
+)
+async def test_a_job_dh3_cannot_take_goes_past_it_even_when_it_is_preferred_and_idle(
+    sessions: list[AsyncSession], emu: Emulator, params: dict[str, Any]
+) -> None:
+    router = opened(sessions, emu).router([DH3, GET3W])
+    handles = [await router.submit(prompt=f"job {index}", **params) for index in range(3)]
+    assert {handle.provider for handle in handles} == {"get3w"}
+    await asyncio.gather(*handles)
+    assert emu.stats.create_requests["dh3"] == 0 and emu.stats.creates["get3w"] == 3
 
 
 # --- a key revoked or out of credits mid-run ------------------------------------------
@@ -270,3 +301,43 @@ async def test_a_routed_batchs_uncertain_job_names_the_route_it_may_have_been_ma
     uncertain = next(record for record in results(tmp_path) if record["status"] == "uncertain")
     assert uncertain["route"] == router.lanes[0]  # where to look for the task it may have made
     assert dict(journal_rows(tmp_path, "SELECT line, route FROM jobs"))[uncertain["line"]] == router.lanes[0]
+
+
+async def test_resubmit_uncertain_through_a_router_sends_the_uncertain_job_once_more_only(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    emu.script("get3w", "create", "drop_after")
+    jobs = [{"prompt": f"fox {index}"} for index in range(3)]
+    async with session_on(emu) as session:
+        first = await run_batch(session, session.router([GET3W, DH3]), jobs, out_dir=tmp_path, concurrency=1)
+    assert (first.uncertain, first.done) == (1, 2)
+    async with session_on(emu) as session:
+        again = await run_batch(session, session.router([DH3, GET3W]), jobs, out_dir=tmp_path)
+        assert (again.created, again.skipped, again.uncertain) == (0, 3, 1)  # not resent unless asked
+        asked = await run_batch(
+            session, session.router([DH3, GET3W]), jobs, out_dir=tmp_path, resubmit_uncertain=True
+        )
+    assert (asked.created, asked.done, asked.uncertain) == (1, 3, 0)
+    assert sum(emu.stats.create_requests.values()) == 4  # three jobs, one of them sent twice (asked)
+    final = {record["line"]: record for record in results(tmp_path)}
+    assert all(record["route"] for record in final.values())
+
+
+async def test_the_cli_names_the_missing_key_of_a_target_and_sends_nothing(
+    emu: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from image_gen_async import cli
+
+    for variable in ("GET3W_API_KEY", "DH3_API_KEY", "NANANOBANANA_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("DH3_API_KEY", "sk-dh3")
+    source = tmp_path / "jobs.jsonl"
+    source.write_text('{"prompt": "fox"}\n')
+    argv = ["batch", str(source), "-o", str(tmp_path / "out"), "--base-url", emu.url]
+    argv += ["--target", "dh3:nano-banana-pro", "--target", "nananobanana:nano-banana"]
+    assert await asyncio.to_thread(cli.main, argv) == 2
+    assert "no API key for nananobanana: set NANANOBANANA_API_KEY" in capsys.readouterr().err
+    argv[-3:] = ["get3w_v3:get3w/flux-dev", "--target", "dh3:nano-banana-pro"]  # v3 borrows get3w's key
+    assert await asyncio.to_thread(cli.main, argv) == 2
+    assert "GET3W_API_KEY" in capsys.readouterr().err
+    assert sum(emu.stats.create_requests.values()) == 0
