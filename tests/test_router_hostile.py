@@ -98,7 +98,12 @@ async def test_a_refusal_moves_on_only_when_it_says_nothing_was_made(
     assert received == ["refused or maybe made"]
     assert emu.stats.creates["dh3"] == (1 if moved else 0)
     get3w, dh3 = (router.stats[label] for label in router.lanes)
-    assert (get3w.created, get3w.refused, get3w.failed_over, get3w.in_flight) == (0, int(moved), int(moved), 0)
+    assert (get3w.created, get3w.refused, get3w.failed_over, get3w.in_flight) == (
+        0,
+        int(moved),
+        int(moved),
+        0,
+    )
     assert get3w.failed == int(not moved) and dh3.created == int(moved)
 
 
@@ -134,7 +139,9 @@ async def test_a_submit_cancelled_while_its_create_is_on_the_wire_is_an_orphan_n
 async def test_a_sync_generate_whose_answer_is_late_is_uncertain_and_not_sent_elsewhere(
     sessions: list[AsyncSession], emu: Emulator
 ) -> None:
-    emu.config = dataclasses.replace(emu.config, faults=dataclasses.replace(emu.config.faults, slow_seconds=1.0))
+    emu.config = dataclasses.replace(
+        emu.config, faults=dataclasses.replace(emu.config.faults, slow_seconds=1.0)
+    )
     emu.script("get3w", "create", "slow")
     router = opened(sessions, emu).router([GET3W, DH3])
     with pytest.raises(SubmitUncertainError):
@@ -341,3 +348,41 @@ async def test_the_cli_names_the_missing_key_of_a_target_and_sends_nothing(
     assert await asyncio.to_thread(cli.main, argv) == 2
     assert "GET3W_API_KEY" in capsys.readouterr().err
     assert sum(emu.stats.create_requests.values()) == 0
+
+
+async def test_a_waiter_cancelled_as_its_place_frees_leaves_the_place_to_the_next_job(
+    sessions: list[AsyncSession], emu: Emulator
+) -> None:
+    emu.config.max_concurrent = {"dh3": 1}
+    session = opened(sessions, emu, max_concurrent={"dh3": 1})
+    router = session.router([DH3])
+    first = await router.submit(prompt="holds the only place")
+    waiting = asyncio.ensure_future(router.submit(prompt="cancelled as it is woken"))
+    await asyncio.sleep(0)  # it joins the line
+    first.add_done_callback(lambda _: waiting.cancel())  # the same turn the place is freed
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    after = await router.submit(prompt="takes the place given on", timeout=2.0)
+    await after
+    created = prompts_created(emu)
+    assert created["holds the only place"] == created["takes the place given on"] == 1
+    # Cancelled before it was sent (nothing made) or after (an orphan, named): never both, never lost.
+    assert created["cancelled as it is woken"] == len(session.orphans) <= 1
+    assert router.stats[router.lanes[0]].in_flight == 0
+
+
+async def test_a_batch_through_a_rerunning_router_journals_the_task_that_ran_and_where(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    async with Emulator(EmulatorConfig(duration=0.05, failure_rate=1.0)) as failing:
+        async with session_on(failing, base_urls={"get3w": failing.url, "dh3": emu.url}) as session:
+            router = session.router([GET3W, DH3], rerun_failed=True)
+            stats = await run_batch(session, router, [{"prompt": "fails on get3w"}], out_dir=tmp_path)
+        assert stats.done == 1 and failing.stats.creates["get3w"] == 1 and emu.stats.creates["dh3"] == 1
+    (record,) = results(tmp_path)
+    dh3_task = next(iter(emu.tasks))
+    assert (record["task_id"], record["route"]) == (dh3_task, router.lanes[1])
+    assert journal_rows(tmp_path, "SELECT task_id, route, state FROM jobs") == [
+        (dh3_task, router.lanes[1], "done")
+    ]
