@@ -123,6 +123,11 @@ class LocalGate:
     def __repr__(self) -> str:
         return f"<LocalGate {self.name} {self.in_flight}/{self.window}>"
 
+    @property
+    def paused_until(self) -> float:
+        """Loop time until which no create is let through (a refusal with nothing of ours in flight)."""
+        return self._paused_until
+
     def _has_room(self) -> bool:
         return self.in_flight < self.window and asyncio.get_running_loop().time() >= self._paused_until
 

@@ -198,9 +198,16 @@ class Journal:
             (line, spec_hash, time.time()),
         )
 
-    def creating(self, line: int) -> None:
-        """The create of job ``line`` goes out next; call ``durable()`` before sending it."""
-        self._set(line, "creating")
+    def creating(self, line: int, route: str | None = None) -> None:
+        """The create of job ``line`` goes out next (on ``route``, a router's lane); call
+        ``durable()`` before sending it."""
+        if route is None:
+            self._set(line, "creating")
+        else:
+            self._db.execute(
+                "UPDATE jobs SET state = 'creating', route = ?, updated = ? WHERE line = ?",
+                (route, time.time(), line),
+            )
         if self._wal is None and self._wal_mode:
             # Opened here, on the writing thread, once: the WAL exists after a commit. SQLite
             # puts it next to the real file, wherever a symlinked path points.
@@ -210,8 +217,11 @@ class Journal:
             self._wal = os.open(wal, access | getattr(os, "O_CLOEXEC", 0))
 
     def not_sent(self, line: int) -> None:
-        """Job ``line``'s create was recorded but never sent (it could not be made durable)."""
-        self._set(line, "pending")
+        """Job ``line``'s create was recorded but never sent (it could not be made durable):
+        pending again, on no route."""
+        self._db.execute(
+            "UPDATE jobs SET state = 'pending', route = NULL, updated = ? WHERE line = ?", (time.time(), line)
+        )
 
     def durable(self) -> None:
         """Make every commit so far survive an OS crash or power loss: an fsync of the WAL.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -658,9 +659,15 @@ class _Destination(Protocol):
         """No create can be made until someone acts (the key's circuit, or every target's, is open)."""
 
     async def submit(
-        self, *, prompt: str, timeout: float | None, before_create: Callable[[], object], **params: Any
+        self,
+        *,
+        prompt: str,
+        timeout: float | None,
+        before_create: Callable[[], object],
+        on_route: Callable[[str], object],
+        **params: Any,
     ) -> TaskHandle:
-        """Create the job's task."""
+        """Create the job's task; ``on_route(label)`` before each target is tried (a router's)."""
 
     def resume(
         self, task_id: str, route: str | None, *, estimated_duration: float | None, timeout: float | None
@@ -687,7 +694,13 @@ class _OneClient:
         return self.client.blocked is not None
 
     async def submit(
-        self, *, prompt: str, timeout: float | None, before_create: Callable[[], object], **params: Any
+        self,
+        *,
+        prompt: str,
+        timeout: float | None,
+        before_create: Callable[[], object],
+        on_route: Callable[[str], object],
+        **params: Any,
     ) -> TaskHandle:
         return await self.client.submit(
             self.model, prompt=prompt, timeout=timeout, before_create=before_create, **params
@@ -717,9 +730,17 @@ class _Routed:
         return self.router.stopped
 
     async def submit(
-        self, *, prompt: str, timeout: float | None, before_create: Callable[[], object], **params: Any
+        self,
+        *,
+        prompt: str,
+        timeout: float | None,
+        before_create: Callable[[], object],
+        on_route: Callable[[str], object],
+        **params: Any,
     ) -> TaskHandle:
-        return await self.router.submit(prompt=prompt, timeout=timeout, before_create=before_create, **params)
+        return await self.router.submit(
+            prompt=prompt, timeout=timeout, before_create=before_create, on_route=on_route, **params
+        )
 
     def resume(
         self, task_id: str, route: str | None, *, estimated_duration: float | None, timeout: float | None
@@ -973,11 +994,15 @@ class _Batch:
                     budget.release()
                 self.gate.stop(f"the journal could not be written: {_describe(error)}")
                 raise _Held from error
+            # The lane about to be tried (a router's) is journaled with "creating", durably
+            # before the create goes out: an uncertain job then names where it may be made.
+            tried: list[str] = []
             try:
                 handle = await self.dest.submit(
                     prompt=job.prompt,
                     timeout=self.options.timeout,
-                    before_create=lambda: self._creating(job.line),
+                    before_create=functools.partial(self._creating_on, job.line, tried),
+                    on_route=tried.append,
                     **job.params,
                 )
             except Exception as error:
@@ -1082,7 +1107,11 @@ class _Batch:
             )
             self.gate.stop(f"the journal could not be written: {_describe(error)}")
 
-    async def _creating(self, line: int) -> None:
+    async def _creating_on(self, line: int, tried: list[str]) -> None:
+        """``_creating`` on the lane a router tried last (none for one client)."""
+        await self._creating(line, tried[-1] if tried else None)
+
+    async def _creating(self, line: int, route: str | None = None) -> None:
         """Record that job ``line``'s create goes out, durably, before it is sent.
 
         The fsyncs run in a worker thread: on a real disk they take milliseconds, and the
@@ -1093,7 +1122,7 @@ class _Batch:
         wait is cancelled, the create is never sent, and the row says so.
         """
         try:
-            self.journal.creating(line)
+            self.journal.creating(line, route)
             await asyncio.to_thread(self._durable)
         except BaseException:
             self._unsent(line)

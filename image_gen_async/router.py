@@ -604,8 +604,10 @@ class Router:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self._unreserve(future.result())  # woken with a place, then cancelled: hand it on
                 self._serve()
-            elif not future.done():
-                future.cancel()  # left in its line, skipped there
+            elif not future.done() or future.cancelled():
+                # Still in its line (a timeout or a cancel cancels the awaited future itself):
+                # skipped there, and no longer counted as waiting.
+                future.cancel()
                 self._waiting -= 1
             if isinstance(error, TimeoutError):
                 raise AdmissionTimeoutError(
@@ -669,7 +671,8 @@ class Router:
 
     def _due(self, lane: _Lane, now: float) -> float | None:
         """When ``lane`` could next start a job, if that is a known moment after now."""
-        times = [t for t in (lane.backoff_until, lane.cool_until) if t > now]
+        paused = getattr(lane.engine_target.account.gate, "paused_until", 0.0)
+        times = [t for t in (lane.backoff_until, lane.cool_until, paused) if t > now]
         limiter = lane.engine_target.limiter
         wait_time = getattr(limiter, "wait_time", None)
         if wait_time is not None and not self._pending_limiters[id(limiter)]:
@@ -700,6 +703,8 @@ class Router:
         if now < lane.backoff_until or now < lane.cool_until or lane.probing:
             return False
         gate = account.gate
+        if getattr(gate, "paused_until", 0.0) > now:
+            return False  # refused with nothing of ours in flight: the gate holds every create a while
         window, in_flight = getattr(gate, "window", None), getattr(gate, "in_flight", 0)
         if window is not None and in_flight + self._pending_accounts[id(account)] >= window:
             return False

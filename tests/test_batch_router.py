@@ -36,6 +36,11 @@ def routes(out: Path) -> dict[int, str]:
     return dict(journal_rows(out, "SELECT line, route FROM jobs"))
 
 
+def task_ids(out: Path) -> dict[int, str]:
+    """Each job's task id once accepted (its route is journaled before: with its create)."""
+    return dict(journal_rows(out, "SELECT line, task_id FROM jobs"))
+
+
 async def test_a_routed_batch_records_each_jobs_route_and_spreads_the_jobs(
     emu: Emulator, tmp_path: Path
 ) -> None:
@@ -61,7 +66,7 @@ async def test_a_rerun_polls_each_task_on_its_own_route_and_creates_nothing(
     session = session_on(emu)
     router = session.router(THREE)
     batch = asyncio.create_task(run_batch(session, router, jobs(12), out_dir=tmp_path, concurrency=12))
-    await wait_for(lambda: sum(emu.stats.creates.values()) == 12 and all(routes(tmp_path).values()))
+    await wait_for(lambda: sum(emu.stats.creates.values()) == 12 and all(task_ids(tmp_path).values()))
     await session.close()  # every task made and journaled, none finished: left for a rerun
     first = await batch
     assert first.unfinished == 12 and first.done == 0
@@ -101,7 +106,7 @@ async def test_a_route_no_longer_in_the_router_leaves_its_job_for_a_later_run(
     emu.config.max_concurrent = {}
     session = session_on(emu)
     batch = asyncio.create_task(run_batch(session, session.router([DH3]), jobs(3), out_dir=tmp_path))
-    await wait_for(lambda: len([r for r in routes(tmp_path).values() if r]) == 3)
+    await wait_for(lambda: len([t for t in task_ids(tmp_path).values() if t]) == 3)
     await session.close()
     await batch
     async with session_on(emu) as session:
