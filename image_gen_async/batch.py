@@ -1211,6 +1211,12 @@ async def _destination(
             raise ConfigurationError("run_batch(session, router, jobs) takes no model: its targets name them")
         if max_credits is not None:
             raise ConfigurationError("max_credits is for a batch on one client (its model has one price)")
+        if client_name.rerun_failed:
+            # A rerun's task would be one the journal never records: a crash while it runs would lose it.
+            raise ConfigurationError(
+                "a batch reruns failed jobs itself: pass retry_failed=True (--retry-failed) and a router "
+                "made without rerun_failed"
+            )
         if client_name.stopped:
             raise ConfigurationError("every lane of the router is stopped by an earlier answer; fix it first")
         return _Routed(client_name), cast(Jobs, model), None

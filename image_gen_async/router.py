@@ -255,6 +255,11 @@ class Router:
         return f"<Router {', '.join(self.lanes)}>"
 
     @property
+    def rerun_failed(self) -> bool:
+        """Whether a task that failed is run again on another lane (``session.router(rerun_failed=)``)."""
+        return self._rerun_failed
+
+    @property
     def lanes(self) -> tuple[str, ...]:
         """Every lane's label, in preference order (``"dh3:nano-banana-pro#1a2b3c4d"``)."""
         return tuple(lane.label for lane in self._lanes)
