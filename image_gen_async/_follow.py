@@ -72,12 +72,8 @@ class Follow:
         webhook: bool = False,
         learn: bool = True,
         events: EventStream | None = None,
-        sent_at: float | None = None,
     ) -> None:
         """Follow an accepted task to its end in the background (after a webhook wait, if any).
-
-        ``sent_at`` (loop clock): when its create went out, where the task's age starts (the
-        provider made it between then and its answer; a busy loop reads the answer late).
 
         ``events``: the open stream of a stream create, read until the job ends; polling takes
         over if it drops. ``learn=False`` (a resumed task, whose ages do not count from its start) keeps its
@@ -95,7 +91,7 @@ class Follow:
             )
             return
         try:
-            follower = Follower(self, target, handle, snapshot, timeout, learn=learn, sent_at=sent_at)
+            follower = Follower(self, target, handle, snapshot, timeout, learn=learn)
             handle._on_cancel = follower.cancel
             self.followers.add(follower)
             follower.begin(webhook=webhook, events=events)
@@ -224,7 +220,6 @@ class Follower:
         timeout: float | None,
         *,
         learn: bool = True,
-        sent_at: float | None = None,
     ) -> None:
         self._follow = follow
         # A resumed job's ages count from the resume, not from its start: they teach nothing.
@@ -232,12 +227,11 @@ class Follower:
         self._target = target
         self._handle = handle
         self._loop = asyncio.get_running_loop()
-        # Ages count from when the create went out (else from now, its answer): the task
-        # exists from a moment in between, and an answer read late must not age it less.
-        now = self._loop.time()
-        self.accepted = min(sent_at, now) if sent_at else now
+        # Ages count from now, when the create's answer came back. (From when it went out
+        # would be early by the server's backlog: a burst of creates queues there.)
+        self.accepted = self._loop.time()
         span = follow.settings.task_timeout if timeout is None else timeout
-        self.deadline = now + span
+        self.deadline = self.accepted + span
         self._last_look = self.deadline - min(LAST_LOOK_MAX, span * LAST_LOOK_SHARE)
         self._key = (target.name, handle.model)
         self._request = follow.poll_request(target, handle, snapshot.poll_url)

@@ -195,7 +195,6 @@ class ProviderClient:
             slot=created.slot,
             events=created.events,
             on_progress=on_progress,
-            sent_at=created.sent_at,
         )
         self._trace(traced, handle, created)
         return handle
@@ -328,7 +327,6 @@ class ProviderClient:
             took=(took, took),
             slot=created.slot,
             on_progress=on_progress,
-            sent_at=created.sent_at,
         )
         self._trace(traced, handle, created)
         return await self._result(handle)
@@ -377,7 +375,6 @@ class ProviderClient:
         slot: Slot | None = None,
         events: EventStream | None = None,
         on_progress: Callable[[float, str | None], object] | None = None,
-        sent_at: float | None = None,
     ) -> TaskHandle:
         target = self._target
         follow = self._session._follow
@@ -402,10 +399,7 @@ class ProviderClient:
                 events.close()
             follow.finish(target, handle, snapshot.result, took)
         else:
-            follow.start(
-                target, handle, snapshot, timeout,
-                webhook=webhook, learn=learn, events=events, sent_at=sent_at,
-            )  # fmt: skip
+            follow.start(target, handle, snapshot, timeout, webhook=webhook, learn=learn, events=events)
             if webhook:
                 self._session.webhooks.expect(target, handle)
         return handle

@@ -484,7 +484,6 @@ class Router:
             job.timeout,
             took=took,
             slot=slot,
-            sent_at=created.sent_at,
         )
         self._track(lane, handle, counted=True)
         return handle
