@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from image_gen_async import TaskResult
 from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
@@ -24,16 +25,24 @@ async def test_600_jobs_over_three_capped_targets_take_the_summed_capacity() -> 
         async with session:
             router = session.router([GET3W, DH3, NANA])
             loop = asyncio.get_running_loop()
-            started = loop.time()
-            results = await asyncio.gather(*(router.generate(prompt=f"job {index}") for index in range(JOBS)))
-            took = loop.time() - started
+            # Timed from a freshly collected heap, as the benchmarks are: late in a suite the
+            # heap holds every earlier test's leftovers, which each collection would walk.
+            gc.collect()
+            gc.freeze()
+            try:
+                started = loop.time()
+                jobs = (router.generate(prompt=f"job {index}") for index in range(JOBS))
+                results = await asyncio.gather(*jobs)
+                took = loop.time() - started
+            finally:
+                gc.unfreeze()
             lanes = {lane.provider: lane for lane in router.stats.values()}
         stats = await emu.stats()
     bound = JOBS / sum(CAPS.values()) * DURATION
     print(f"{JOBS} jobs in {took:.2f} s, {took / bound:.2f} x the bound; {stats['creates']}")
     assert len({result.task_id for result in results}) == JOBS
     assert sum(stats["creates"].values()) == JOBS and not stats["capacity_refusals"]
-    assert took <= 1.15 * bound
+    assert took <= 1.15 * bound, f"{took / bound:.2f} x the bound"
     for account, cap in CAPS.items():
         assert max(stats["peak_running"][account].values()) == cap  # every place used, none over
         # Each target took jobs in proportion to what it can run at once.
