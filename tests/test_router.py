@@ -340,7 +340,7 @@ async def test_a_lane_refusing_connections_is_skipped_then_probed_back(
     async with Emulator(EmulatorConfig(duration=0.02, dh3_qps=None, keep_alive=False)) as dh3_emu:
         await dh3_emu.refuse_connections()
         session = opened(
-            sessions, emu, base_urls={"get3w": emu.url, "dh3": dh3_emu.url}, retry_base=0.2, retry_cap=0.4
+            sessions, emu, base_urls={"get3w": emu.url, "dh3": dh3_emu.url}, retry_base=0.5, retry_cap=1.0
         )
         router = session.router([DH3, GET3W])
         dh3 = router.lanes[0]
@@ -352,7 +352,9 @@ async def test_a_lane_refusing_connections_is_skipped_then_probed_back(
         assert (router.stats[dh3].refused, router.stats[dh3].health) == (3, BACKING_OFF)
         assert emu.stats.creates["get3w"] == 5 and dh3_emu.stats.create_requests["dh3"] == 0
         await dh3_emu.accept_connections()
-        await asyncio.sleep(0.25)  # the back-off (0.2 s) runs out: the next job probes the lane
+        # The back-off (0.5 s: long beside five short jobs, even on a loaded machine) runs out;
+        # the next job probes the lane.
+        await asyncio.sleep(0.55)
         handle = await router.submit(prompt="probe")
         assert handle.provider == "dh3"
         await handle
@@ -364,7 +366,7 @@ async def test_a_stopped_key_is_skipped_and_its_probe_costs_nothing(
     sessions: list[AsyncSession], emu: Emulator
 ) -> None:
     emu.credits = 0
-    session = opened(sessions, emu, retry_base=0.2, retry_cap=0.4)
+    session = opened(sessions, emu, retry_base=0.5, retry_cap=1.0)
     router = session.router([NANA, DH3])
     nana = router.lanes[0]
     first = await router.submit(prompt="first")
@@ -372,8 +374,8 @@ async def test_a_stopped_key_is_skipped_and_its_probe_costs_nothing(
     assert router.stats[nana].health == CIRCUIT_OPEN and router.stats[nana].refused == 1
     second = await router.submit(prompt="second")  # skipped: nothing sent to nananobanana
     assert second.provider == "dh3" and emu.stats.payment_refusals["nananobanana"] == 1
-    emu.credits = 10  # topped up: after the back-off, one job probes and the lane is back
-    await asyncio.sleep(0.25)
+    emu.credits = 10  # topped up: after the back-off (0.5 s), one job probes and the lane is back
+    await asyncio.sleep(0.55)
     third = await router.submit(prompt="third")
     assert third.provider == "nananobanana"
     await asyncio.gather(first, second, third)
