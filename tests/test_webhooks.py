@@ -223,7 +223,10 @@ async def test_signed_v3_callback_resolves(make_session: SessionFactory, emulato
     assert result.urls == ("https://o.test/1.png",) and handle.polls == 0
 
 
-async def test_a_callback_split_over_several_segments_is_read_whole(hooked: AsyncSession) -> None:
+async def test_a_callback_split_over_several_segments_is_read_whole(
+    hooked: AsyncSession, emulator: Emulator
+) -> None:
+    emulator.config.duration = 1.0  # [slow]: 10 s, so the emulator's own callback never comes first
     handle = await hooked.dh3.submit("nano-banana-pro", prompt="long one [slow]", webhook=True)
     body = json.dumps(
         {
