@@ -100,6 +100,7 @@ async def test_forged_signature_is_refused(make_session: SessionFactory, emulato
 
 
 async def test_wrong_token_and_malformed_bodies(hooked: AsyncSession, emulator: Emulator) -> None:
+    emulator.config.duration = 0.05  # [slow]: 0.5 s, longer than the posts below on a loaded machine
     handle = await hooked.dh3.submit("nano-banana-pro", prompt="long one [slow]", webhook=True)
     good_url = hooked.webhooks.url_for("dh3")
     forged_url = good_url.rsplit("/", 1)[0] + "/not-the-token"

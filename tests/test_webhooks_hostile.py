@@ -26,6 +26,7 @@ from aiohttp import web
 from yarl import URL
 
 from image_gen_async import AsyncSession, ConfigurationError, PollSettings, TaskFailedError
+from image_gen_async.testing import Emulator
 from image_gen_async.webhooks import EARLY_TTL, must_evict
 
 from .conftest import CLIENTS, SessionFactory
@@ -231,8 +232,9 @@ def encoded(body: bytes, encoding: str) -> bytes:
     [("listen", "gzip"), ("listen", "deflate"), ("listen", "raw-deflate"), ("mounted", "gzip")],
 )
 async def test_a_compressed_callback_is_read(
-    listening: Listening, make_session: SessionFactory, where: str, encoding: str
+    listening: Listening, make_session: SessionFactory, emulator: Emulator, where: str, encoding: str
 ) -> None:
+    emulator.config.duration = 1.0  # [slow]: 10 s, so the emulator's own callback never comes first
     session = await listening() if where == "listen" else make_session(polling=PATIENT)
     handle = await _slow_job_when_listening(session, where)
     wire = encoded(dh3_callback(handle.task_id), encoding)
@@ -275,7 +277,8 @@ async def test_an_unknown_encoding_is_refused(listening: Listening) -> None:
 # 10: JSON nested too deep is malformed, not a crash.
 
 
-async def test_deeply_nested_json_is_a_400(listening: Listening) -> None:
+async def test_deeply_nested_json_is_a_400(listening: Listening, emulator: Emulator) -> None:
+    emulator.config.duration = 1.0  # [slow]: 10 s, still running after every post below
     session = await listening()
     handle = await session.dh3.submit(MODEL, prompt="long one [slow]", webhook=True)
     deep_list = b"[" * 100_000 + b"]" * 100_000

@@ -54,6 +54,7 @@ async def test_the_receiver_never_shows_its_token(
         *(session.client(name).submit(MODELS[name], prompt="a fox", webhook=True) for name in WEBHOOK_CLIENTS)
     )
     await asyncio.gather(*handles)
+    emulator.config.duration = 1.0  # [slow]: 10 s, so the posts below come before its own callback
     slow = await session.dh3.submit("nano-banana-pro", prompt="long one [slow]", webhook=True)
     url = session.webhooks.url_for("dh3")
     echo = f"could not reach {url}"  # a provider's failure text that quotes the callback URL
