@@ -168,7 +168,8 @@ async def test_a_job_dh3_cannot_take_goes_past_it_even_when_it_is_preferred_and_
 async def test_a_key_revoked_mid_run_moves_jobs_to_the_other_key_of_the_same_provider(
     sessions: list[AsyncSession], emu: Emulator
 ) -> None:
-    session = opened(sessions, emu, keys={"dh3": ["sk-one", "sk-two"]})
+    # A back-off long beside four short jobs on a loaded machine: no probe of sk-one comes.
+    session = opened(sessions, emu, keys={"dh3": ["sk-one", "sk-two"]}, retry_base=0.5, retry_cap=1.0)
     router = session.router([DH3])
     one, two = router.lanes
     await (await router.submit(prompt="before the revoke"))
