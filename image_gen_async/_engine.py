@@ -326,6 +326,9 @@ class Engine:
 
         waits = backoff_steps(self.settings.retry_base, self.settings.retry_cap)
         again = False  # a create refused for capacity asks again at the head of the queue
+        # The last rate refusal: a deadline that passes after one is that refusal's, not a
+        # "nothing was sent" (the creates went out, and were refused).
+        rate_refusal: ImageGenError | None = None
         while True:
             try:
                 account.check(target.name)
@@ -357,6 +360,7 @@ class Engine:
                 slot.release()
                 if failover:
                     raise Unplaced(error, "rate") from None
+                rate_refusal = error
                 # A rate refusal: the limiter slows down; an unpaced one needs a wait of its own.
                 wait = next_wait(waits, retry_after, self.settings.retry_cap)
                 if deadline is not None and loop.time() + wait >= deadline:
@@ -379,6 +383,8 @@ class Engine:
                     account.block(error)
                     if failover:
                         raise Unplaced(error, "stopped") from None
+                if isinstance(error, AdmissionTimeoutError) and rate_refusal is not None:
+                    raise rate_refusal from None
                 raise
             account.gate.accepted()
             if snapshot.remaining_credits is not None:
