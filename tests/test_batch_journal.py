@@ -149,7 +149,10 @@ async def test_a_batch_killed_whose_wal_is_then_lost_is_refused_by_the_cli(
     code, _, err = await cli(*batch_args(source, out, emulator.url), keys={"DH3_API_KEY": KEYS["dh3"]})
     assert code == 2, err
     expected = "lost commits" if checkpointed else "holds no batch"
-    assert expected in err and str(out) in err
+    # The kill may land inside one of SQLite's own checkpoints (the batch writes on): without
+    # its WAL the main file is then torn, and refused as unreadable. Either way, nothing sent.
+    torn = checkpointed and "malformed" in err
+    assert (expected in err or torn) and str(out) in err
     assert emulator.stats.create_requests["dh3"] == creates  # nothing sent
     assert (out / RESULTS_NAME).read_bytes() == before
 
