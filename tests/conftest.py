@@ -31,6 +31,23 @@ async def emulator() -> AsyncIterator[Emulator]:
 
 
 @pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    """An emulator taking any key, so that several keys of one provider are several accounts
+    (the router tests'; modules with an ``emu`` of their own use theirs)."""
+    async with Emulator(EmulatorConfig(duration=0.05, dh3_qps=None)) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[list[AsyncSession]]:
+    """Sessions a test opens (``router_helpers.opened``), closed after it."""
+    made: list[AsyncSession] = []
+    yield made
+    for session in made:
+        await session.close()
+
+
+@pytest.fixture
 async def make_session(emulator: Emulator) -> AsyncIterator[SessionFactory]:
     """Sessions on the emulator with fast polling and retries; closed after the test."""
     made: list[AsyncSession] = []

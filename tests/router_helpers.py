@@ -30,6 +30,13 @@ def session_on(
     return AsyncSession(**options)
 
 
+def opened(sessions: list[AsyncSession], *emulators: Emulator, **options: Any) -> AsyncSession:
+    """``session_on(...)``, closed after the test by the ``sessions`` fixture."""
+    session = session_on(*emulators, **options)
+    sessions.append(session)
+    return session
+
+
 def prompts_created(*emulators: Emulator) -> Counter[str]:
     """How many tasks each prompt made, over every provider of every emulator."""
     tasks = [task for emu in emulators for task in emu.tasks.values()]

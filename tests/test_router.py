@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -35,29 +34,7 @@ from image_gen_async.router import (
 from image_gen_async.testing import Emulator, EmulatorConfig
 
 from .conftest import FAST_POLLING
-from .router_helpers import DH3, GET3W, NANA, prompts_created, session_on
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    """An emulator taking any key, so that several keys of one provider are several accounts."""
-    async with Emulator(EmulatorConfig(duration=0.05, dh3_qps=None)) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[list[AsyncSession]]:
-    made: list[AsyncSession] = []
-    yield made
-    for session in made:
-        await session.close()
-
-
-def opened(sessions: list[AsyncSession], *emulators: Emulator, **options: Any) -> AsyncSession:
-    session = session_on(*emulators, **options)
-    sessions.append(session)
-    return session
-
+from .router_helpers import DH3, GET3W, NANA, opened, prompts_created
 
 # --- pure decisions, as tables ------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +21,10 @@ from image_gen_async import (
 )
 from image_gen_async.batch import run_batch
 from image_gen_async.models import TaskStatus
-from image_gen_async.testing import Emulator, EmulatorConfig
+from image_gen_async.testing import Emulator
 
 from .batch_helpers import journal_rows, results
-from .router_helpers import DH3, GET3W, prompts_created, session_on
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    """An emulator taking any key, so that several keys of one provider are several accounts."""
-    async with Emulator(EmulatorConfig(duration=0.05, dh3_qps=None)) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[list[AsyncSession]]:
-    made: list[AsyncSession] = []
-    yield made
-    for session in made:
-        await session.close()
-
-
-def opened(sessions: list[AsyncSession], *emulators: Emulator, **options: Any) -> AsyncSession:
-    session = session_on(*emulators, **options)
-    sessions.append(session)
-    return session
-
+from .router_helpers import DH3, GET3W, opened, prompts_created, session_on
 
 GET3W_CREATE = "POST /v1/google/nano-banana-pro/text-to-image"
 
