@@ -405,33 +405,19 @@ class Follower:
 
         Until the deadline's last look: then the poll loop takes its last look and times out.
         """
-        follow, handle, target = self._follow, self._handle, self._target
         try:
             try:
-                async with asyncio.timeout_at(self._last_look):
-                    while (data := await events.next()) is not None:
-                        snapshot = self._read_event(data) if data else None  # empty: a heartbeat
-                        if snapshot is None:
-                            continue
-                        status, progress = stream_step(handle.status, handle.progress, snapshot)
-                        handle.observe(status)
-                        handle.report_progress(progress, snapshot.message)
-                        if snapshot.result is not None:
-                            age = self._loop.time() - self.accepted
-                            took = (age, age) if self._learn else None
-                            follow.finish(target, handle, snapshot.result, took)
-                            self._end(None)
-                            return
-                why = "it ended before the job did"
-            except (TransportError, TimeoutError) as error:
-                why = describe(error) if isinstance(error, TransportError) else "the deadline is near"
+                dropped = await self._read_stream(events)
             finally:
                 events.close()
                 self._events = None
+            if dropped is None:
+                return  # the stream said how the job ended
             if self._provisional:
-                self._end(self._lost(why))
+                self._end(self._lost(dropped))
                 return
-            log.info("%s task %s: event stream dropped (%s); polling", target.name, handle.task_id, why)
+            task_id = self._handle.task_id
+            log.info("%s task %s: event stream dropped (%s); polling", self._target.name, task_id, dropped)
         except asyncio.CancelledError:
             self._cancelled_from_outside("the event stream")
             raise
@@ -440,6 +426,30 @@ class Follower:
             return
         self._task = None
         self._plan()
+
+    async def _read_stream(self, events: EventStream) -> str | None:
+        """Apply the stream's events to the handle; None once one ended the job, else why the
+        stream ended first."""
+        follow, handle, target = self._follow, self._handle, self._target
+        try:
+            async with asyncio.timeout_at(self._last_look):
+                while (data := await events.next()) is not None:
+                    snapshot = self._read_event(data) if data else None  # empty: a heartbeat
+                    if snapshot is None:
+                        continue
+                    status, progress = stream_step(handle.status, handle.progress, snapshot)
+                    handle.observe(status)
+                    handle.report_progress(progress, snapshot.message)
+                    if snapshot.result is not None:
+                        age = self._loop.time() - self.accepted
+                        follow.finish(target, handle, snapshot.result, (age, age) if self._learn else None)
+                        self._end(None)
+                        return None
+        except TransportError as error:
+            return describe(error)
+        except TimeoutError:
+            return "the deadline is near"
+        return "it ended before the job did"
 
     def _cancelled_from_outside(self, what: str) -> None:
         """The task following the job was cancelled, and not by ``cancel()`` (which lets go of it
