@@ -248,46 +248,37 @@ class Transport:
         if self.closed:
             raise SessionClosedError("the session is closed; open a new AsyncSession")
         if self._http is None:
-            self._http = aiohttp.ClientSession(
-                connector=_StampingConnector(limit=self._pool_size, limit_per_host=0),
-                # Bound connecting and reading, not the whole call: the wait for a pooled
-                # connection must not count as a connect timeout. The exchange's total is
-                # bounded by each call's own limit.
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
-                ),
-                headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
-            )
+            self._http = self._pool(_StampingConnector(limit=self._pool_size, limit_per_host=0))
         return self._http
 
     def files(self) -> aiohttp.ClientSession:
         """The session downloads use: same timeouts, a separate pool, no API headers."""
         self.http()  # SessionClosedError once closed
         if self._files is None:
-            self._files = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
-                ),
-                headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
-            )
+            self._files = self._pool(aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0))
         return self._files
 
     def streams(self) -> aiohttp.ClientSession:
-        """The session stream creates use: the API's headers and stamping, a pool of their own."""
+        """The session stream creates use: the API's stamping, a pool of their own."""
         self.http()  # SessionClosedError once closed
         if self._streams is None:
-            self._streams = aiohttp.ClientSession(
-                connector=_StampingConnector(limit=self._pool_size, limit_per_host=0),
-                timeout=self._session_timeout(),
-                headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
-            )
+            self._streams = self._pool(_StampingConnector(limit=self._pool_size, limit_per_host=0))
         return self._streams
 
-    def _session_timeout(self) -> aiohttp.ClientTimeout:
-        """Connecting and each read bounded, never the whole call (each exchange has its own limit)."""
+    def _pool(self, connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+        """An aiohttp session on ``connector``, bounding connecting and each read, not the whole
+        call: the wait for a pooled connection must not count as a connect timeout, and each
+        exchange's total is bounded by its own limit."""
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout(self.read_timeout),
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+        )
+
+    def _timeout(self, read_timeout: float) -> aiohttp.ClientTimeout:
+        """Connecting and each gap between reads (``read_timeout``) bounded, never the whole call."""
         return aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+            total=None, connect=None, sock_connect=self.connect_timeout, sock_read=read_timeout
         )
 
     async def close(self) -> None:
@@ -327,9 +318,7 @@ class Transport:
         """
         options: dict[str, Any] = {}
         if read_timeout is not None:
-            options["timeout"] = aiohttp.ClientTimeout(
-                total=None, connect=None, sock_connect=self.connect_timeout, sock_read=read_timeout
-            )
+            options["timeout"] = self._timeout(read_timeout)
         headers = target.headers
         if request.accept is not None:
             headers = {**headers, "Accept": request.accept}
