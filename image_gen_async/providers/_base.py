@@ -270,10 +270,6 @@ class Codec(abc.ABC):
         """The create whose answer streams the job's events; None where the API has none."""
         return None
 
-    def stream_event_final(self, body: Any) -> bool:
-        """Whether a stream event ends the job (its result or its failure)."""
-        return False
-
     def read_stream_event(self, model: str, body: Any, task_id: str | None) -> Snapshot:
         """Read one stream event; an event naming no task is about ``task_id`` (the stream's),
         or, when that is None (the first event), about a provisional id of our own."""

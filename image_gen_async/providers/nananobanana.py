@@ -112,9 +112,6 @@ class NananobananaCodec(Codec):
         body = {"prompt": require_prompt(self.name, prompt), "selectedModel": model}
         return HttpRequest("POST", "/api/v1/generate", {}, body | fields | {"mode": mode}, accept=accept)
 
-    def stream_event_final(self, body: Any) -> bool:
-        return isinstance(body, Mapping) and _stream_status(body) in (TaskStatus.COMPLETED, TaskStatus.FAILED)
-
     def read_stream_event(self, model: str, body: Any, task_id: str | None) -> Snapshot:
         """A status event is progress; ``complete`` has the URLs (or ``success: false``); ``error`` fails."""
         if not isinstance(body, Mapping):
