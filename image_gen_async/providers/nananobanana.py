@@ -120,7 +120,8 @@ class NananobananaCodec(Codec):
         data = _stream_data(body)
         message = _text(body.get("message"))
         urls = _stream_urls(data)
-        status = _stream_status(body)
+        progress = _percent(body.get("progress"))
+        status = _stream_status(body.get("type"), data, urls, progress)
         error = _text(body.get("error")) or message or _text(data.get("error"))
         # The documented events carry no id: until one does, the task goes by one of ours
         # (it cannot be polled, but its events and its images still come on the stream).
@@ -137,7 +138,6 @@ class NananobananaCodec(Codec):
             credits_used=number(data.get("creditsUsed")),
             remaining_credits=number(data.get("remainingCredits")),
         )
-        progress = _percent(body.get("progress"))
         return attrs.evolve(snapshot, progress=progress, message=message, provisional=provisional)
 
     def read_submit(self, model: str, body: Any) -> Snapshot:
@@ -251,18 +251,19 @@ def _stream_urls(data: Mapping[str, Any]) -> list[str]:
     return [url for url in urls if isinstance(url, str)] if isinstance(urls, list) else []
 
 
-def _stream_status(body: Mapping[str, Any]) -> TaskStatus:
-    """What a stream event says of its job. ``error`` or ``success: false`` fails it; ``complete``
-    with URLs completes it. A ``complete`` without usable URLs ends nothing: the job is paid for
-    and the poll, once the stream ends, has its URLs (failing it would lose them)."""
-    kind = body.get("type")
-    data = _stream_data(body)
+def _stream_status(
+    kind: Any, data: Mapping[str, Any], urls: list[str], progress: float | None
+) -> TaskStatus:
+    """What a stream event (its ``type``, ``data``, URLs and progress) says of its job. ``error``
+    or ``success: false`` fails it; ``complete`` with URLs completes it. A ``complete`` without
+    usable URLs ends nothing: the job is paid for and the poll, once the stream ends, has its
+    URLs (failing it would lose them)."""
     if kind == "error" or (kind == "complete" and data.get("success") is False):
         return TaskStatus.FAILED
-    if kind == "complete" and _stream_urls(data):
+    if kind == "complete" and urls:
         return TaskStatus.COMPLETED
     # "Generation started" at 0: nothing done yet, as a queued job; any progress: running.
-    return TaskStatus.QUEUED if _percent(body.get("progress")) == 0 else TaskStatus.PROCESSING
+    return TaskStatus.QUEUED if progress == 0 else TaskStatus.PROCESSING
 
 
 def _percent(value: Any) -> float | None:
