@@ -212,22 +212,22 @@ class TaskHandle:
         if status is not self.status:
             log.info("%s task %s: %s -> %s", self.provider, self.task_id, self.status.value, status.value)
             self.status = status
-            for listener in list(self._listeners or ()):
-                try:
-                    listener(status)
-                except Exception:  # a caller's callback must not stop the job
-                    log.exception("%s task %s: a status callback failed", self.provider, self.task_id)
+            self._tell(self._listeners, "status", status)
 
     def report_progress(self, progress: float | None, message: str | None) -> None:
         """Record the progress a stream event reported, telling listeners when it moved."""
         if progress is None or progress == self.progress:
             return
         self.progress = progress
-        for listener in list(self._on_progress or ()):
+        self._tell(self._on_progress, "progress", progress, message)
+
+    def _tell(self, listeners: list[Callable[..., object]] | None, what: str, *news: object) -> None:
+        """Call each listener with ``news``; a failing one is logged, never stops the job."""
+        for listener in list(listeners or ()):
             try:
-                listener(progress, message)
+                listener(*news)
             except Exception:  # a caller's callback must not stop the job
-                log.exception("%s task %s: a progress callback failed", self.provider, self.task_id)
+                log.exception("%s task %s: a %s callback failed", self.provider, self.task_id, what)
 
     def resolve(self, result: TaskResult) -> None:
         """Finish with the provider's final answer (first answer wins)."""
