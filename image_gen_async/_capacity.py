@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from typing import Any, Protocol
@@ -40,14 +41,20 @@ IDLE_PAUSE = 0.5
 MAX_IDLE_PAUSE = 30.0
 
 
+# Slots are numbered as they are handed out: an accept of a create admitted before a refused
+# one was already on the wire at the refusal, so it is no evidence against a cap.
+_SERIALS = itertools.count()
+
+
 class Slot:
     """One task's place in its key's window, from admission until ``release()``."""
 
-    __slots__ = ("_gate", "released")
+    __slots__ = ("_gate", "released", "serial")
 
     def __init__(self, gate: LocalGate | None) -> None:
         self._gate = gate
         self.released = False
+        self.serial = next(_SERIALS)
 
     def release(self) -> None:
         """The task finished (or its create was refused or failed): its place goes to the next waiter."""
@@ -73,8 +80,8 @@ class CapacityGate(Protocol):
         """True while creates wait for a place at a known cap (their jobs' polls then come closer)."""
         ...
 
-    def accepted(self) -> None:
-        """A create was accepted: the window may grow."""
+    def accepted(self, slot: Slot) -> None:
+        """The create holding ``slot`` was accepted: the window may grow."""
         ...
 
     def occupy(self) -> Slot:
@@ -97,6 +104,34 @@ def is_passing_fault(ours: int, accepted_at: int, in_a_row: int) -> bool:
     return ours > 0 and in_a_row < 2 and accepted_at > ours
 
 
+class RefusalRun:
+    """Capacity refusals in a row and the most in flight at an accept since the window shrank:
+    what ``is_passing_fault`` judges. Only an accept of a create admitted after the latest
+    refusal breaks a run; the creates already on the wire then were sent at the cap too, and
+    counting their accepts let a real cap pass for a fault, again and again, in slow start."""
+
+    __slots__ = ("accepted_at", "in_a_row", "refused_serial")
+
+    def __init__(self) -> None:
+        self.accepted_at = 0
+        self.in_a_row = 0
+        self.refused_serial = -1
+
+    def accept(self, slot: Slot, in_flight: int) -> None:
+        if slot.serial > self.refused_serial:
+            self.in_a_row = 0
+            self.accepted_at = max(self.accepted_at, in_flight)
+
+    def is_passing(self, slot: Slot, ours: int) -> bool:
+        """Count the refusal of ``slot``'s create; True if it is a passing fault, not a cap."""
+        self.in_a_row += 1
+        self.refused_serial = max(self.refused_serial, slot.serial)
+        if is_passing_fault(ours, self.accepted_at, self.in_a_row):
+            return True
+        self.accepted_at = 0
+        return False
+
+
 class LocalGate:
     """The capacity gate of one provider key in this process."""
 
@@ -111,10 +146,8 @@ class LocalGate:
         self.refusals = 0
         self._learning = limit is None  # doubling until the first refusal
         self._grown = 0  # accepted creates since the window last changed
-        # The most in flight at an accepted create since the window last shrank, and refusals
-        # in a row: a lone refusal below what was just accepted is no cap (a passing fault).
-        self._accepted_at = 0
-        self._refused_in_a_row = 0
+        # A lone refusal below what was just accepted is no cap (a passing fault).
+        self._run = RefusalRun()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._paused_until = 0.0
         self._pause = pause
@@ -175,10 +208,9 @@ class LocalGate:
         self.in_flight += 1
         return Slot(self)
 
-    def accepted(self) -> None:
+    def accepted(self, slot: Slot) -> None:
         self._pause = self._pause_base
-        self._refused_in_a_row = 0
-        self._accepted_at = max(self._accepted_at, self.in_flight)
+        self._run.accept(slot, self.in_flight)
         if self.limit is not None and self.window >= self.limit:
             return
         self._grown += 1
@@ -189,12 +221,10 @@ class LocalGate:
 
     def refused(self, slot: Slot, active: int | None, retry_after: float | None) -> None:
         self.refusals += 1
-        self._refused_in_a_row += 1
         ours = self.in_flight - 1  # the refused create's own place goes back below
-        if is_passing_fault(ours, self._accepted_at, self._refused_in_a_row):
+        if self._run.is_passing(slot, ours):
             slot.release()
             return
-        self._accepted_at = 0
         self._learning = False
         self._grown = 0
         window = ours if active is None else min(ours, active)

@@ -386,7 +386,7 @@ class Engine:
                 if isinstance(error, AdmissionTimeoutError) and rate_refusal is not None:
                     raise rate_refusal from None
                 raise
-            account.gate.accepted()
+            account.gate.accepted(slot)
             if snapshot.remaining_credits is not None:
                 account.remaining_credits = snapshot.remaining_credits
             return Created(snapshot, retries, sent_at, slot, refusals, events)

@@ -67,9 +67,9 @@ from ._capacity import (
     MAX_IDLE_PAUSE,
     SLOW_START,
     LocalGate,
+    RefusalRun,
     Slot,
     fail_all,
-    is_passing_fault,
 )
 from ._redis_limit import REDIS_ERRORS, unavailable
 from .errors import AdmissionTimeoutError, ImageGenError, SessionClosedError
@@ -259,8 +259,7 @@ class RedisGate:
         self.key = key
         self.refusals = 0  # creates of this process refused for capacity
         # As in LocalGate: a lone refusal below what was just accepted is a passing fault.
-        self._accepted_at = 0
-        self._refused_in_a_row = 0
+        self._run = RefusalRun()
         self.shared_in_flight = 0  # leases held by every process, as last seen
         self._window = limit if limit is not None else INITIAL_WINDOW  # as last seen in Redis
         self._keys = [key, f"{key}:leases", f"{key}:waiting", f"{key}:released"]
@@ -355,11 +354,10 @@ class RedisGate:
         self._start("renew", self._renew)
         return RedisSlot(self, lease)
 
-    def accepted(self) -> None:
-        self._refused_in_a_row = 0
-        self._accepted_at = max(self._accepted_at, self.shared_in_flight)
+    def accepted(self, slot: Slot) -> None:
+        self._run.accept(slot, self.shared_in_flight)
         if self._degraded:
-            self._local().accepted()
+            self._local().accepted(slot)
         else:
             self._outbox.accepts += 1
             self._kick()
@@ -369,11 +367,9 @@ class RedisGate:
             self._local().refused(slot, active, retry_after)
             return
         self.refusals += 1
-        self._refused_in_a_row += 1
-        if is_passing_fault(self.shared_in_flight - 1, self._accepted_at, self._refused_in_a_row):
+        if self._run.is_passing(slot, self.shared_in_flight - 1):
             slot.release()  # no cap: the window stays
             return
-        self._accepted_at = 0
         if not slot.released:
             slot.released = True
             self._held.discard(slot.lease)

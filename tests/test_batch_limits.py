@@ -62,7 +62,9 @@ async def test_200_jobs_on_a_capped_account_all_finish(
     )
     assert stats.done == 200 and stats.failed == 0 and stats.ok
     assert emulator.stats.creates["nananobanana"] == 200
-    assert emulator.stats.capacity_refusals["nananobanana"] <= 10
+    # The creates on the wire when the first refusal comes back (about the cap itself, more on a
+    # loaded machine), then the slow probes for a raised cap: never a refusal per job.
+    assert emulator.stats.capacity_refusals["nananobanana"] <= 20
 
 
 async def test_credits_running_out_stop_the_batch_and_a_top_up_finishes_it(

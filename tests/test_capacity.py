@@ -95,8 +95,8 @@ async def test_a_learned_window_grows_fast_until_a_refusal_then_slowly() -> None
     gate = LocalGate("nananobanana", None)
     assert gate.window == INITIAL_WINDOW
     slots = [await gate.admit(None) for _ in range(INITIAL_WINDOW)]
-    for _ in slots:
-        gate.accepted()
+    for slot in slots:
+        gate.accepted(slot)
     assert gate.window == INITIAL_WINDOW + INITIAL_WINDOW // SLOW_START
     refused = await gate.admit(None)
     gate.refused(refused, active=None, retry_after=None)  # 8 in flight: the cap is 8
@@ -104,9 +104,9 @@ async def test_a_learned_window_grows_fast_until_a_refusal_then_slowly() -> None
     slots[0].release()
     slots[0] = await gate.admit(None)
     for _ in range(GROWTH_PER_WINDOW * INITIAL_WINDOW - 1):
-        gate.accepted()
+        gate.accepted(slots[0])
     assert gate.window == INITIAL_WINDOW
-    gate.accepted()
+    gate.accepted(slots[0])
     assert gate.window == INITIAL_WINDOW + 1
 
 
@@ -126,11 +126,32 @@ def test_a_lone_refusal_below_what_was_just_accepted_is_a_passing_fault(
     assert is_passing_fault(ours, accepted_at, in_a_row) is passing
 
 
+async def test_accepts_of_creates_sent_before_a_refusal_do_not_excuse_the_next_one() -> None:
+    # Slow start with creates on the wire: answers come back out of order. An accept of a
+    # create admitted before a refused one says nothing against the cap; only a later one does.
+    gate = LocalGate("nananobanana", None)
+    first = [await gate.admit(None) for _ in range(8)]
+    gate.accepted(first[0])
+    early = await gate.admit(None)
+    for slot in first[1:]:
+        gate.accepted(slot)
+    wire = [await gate.admit(None) for _ in range(7)]
+    gate.accepted(early)  # 16 in flight at this accept
+    assert gate.learning and gate.in_flight == 16
+    gate.refused(wire[3], active=None, retry_after=None)  # a lone refusal at 15: taken as a fault
+    assert gate.learning and gate.window >= 16
+    gate.accepted(wire[1])  # sent before the refused create: no evidence either way
+    gate.refused(wire[4], active=None, retry_after=None)
+    assert not gate.learning and gate.window == 14  # the second refusal in a row is the cap
+    later = await gate.admit(None) if gate.in_flight < gate.window else None
+    assert later is None  # at the cap nothing more goes out
+
+
 async def test_random_refusals_do_not_collapse_the_window() -> None:
     gate = LocalGate("get3w", None)
     slots = [await gate.admit(None) for _ in range(8)]
-    for _ in slots:
-        gate.accepted()
+    for slot in slots:
+        gate.accepted(slot)
     slots += [await gate.admit(None) for _ in range(8)]
     gate.refused(slots.pop(), active=None, retry_after=None)  # the first refusal: taken as the cap
     assert gate.window == 15
@@ -140,7 +161,7 @@ async def test_random_refusals_do_not_collapse_the_window() -> None:
         if turn % 5 == 4:
             gate.refused(slot, active=None, retry_after=None)
             slot = await gate.admit(None)
-        gate.accepted()
+        gate.accepted(slot)
         slots.append(slot)
     assert gate.window >= 15 and gate.refusals == 21
 

@@ -236,8 +236,8 @@ async def test_the_learned_window_grows_with_accepted_creates_in_any_process(
 ) -> None:
     a, b = gates(None), gates(None)
     slots = [await a.admit(None) for _ in range(8)]
-    for _ in slots:  # until the first refusal: one more place per SLOW_START accepted creates
-        a.accepted()
+    for slot in slots:  # until the first refusal: one more place per SLOW_START accepted creates
+        a.accepted(slot)
     grown = 8 + 8 // SLOW_START
     await until(lambda: _field_is(redis, gate_key, "window", grown))
     more = [await asyncio.wait_for(b.admit(None), 2) for _ in range(grown - 8)]
@@ -247,8 +247,8 @@ async def test_the_learned_window_grows_with_accepted_creates_in_any_process(
         await b.admit(loop.time() + 0.1)
     # Configured: never past the limit, whatever is accepted.
     c = gates(10)
-    for _ in range(4):
-        c.accepted()
+    for slot in slots[:4]:
+        c.accepted(slot)
     await until(lambda: _field_is(redis, gate_key, "window", 10))
     for slot in [*slots, *more]:
         slot.release()
