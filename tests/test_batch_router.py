@@ -145,6 +145,7 @@ async def test_the_cli_batch_routes_over_targets_and_resumes(
 
     for name, variable in (("get3w", "GET3W"), ("dh3", "DH3"), ("nananobanana", "NANANOBANANA")):
         monkeypatch.setenv(f"{variable}_API_KEY", KEYS[name])
+    monkeypatch.delenv("COLUMNS", raising=False)  # a runner's terminal size would narrow the table
     source = tmp_path / "jobs.jsonl"
     source.write_text("".join(f'{{"prompt": "fox {index}"}}\n' for index in range(12)))
     targets = [f"--target={target.provider}:{target.model}" for target in THREE]

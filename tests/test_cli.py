@@ -36,8 +36,11 @@ FAST = ("--first-poll", "0.02", "--min-poll-interval", "0.005")
 
 
 def environment(keys: dict[str, str]) -> dict[str, str]:
-    """This process's environment with no provider key but ``keys``."""
-    return {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")} | keys
+    """This process's environment with no provider key but ``keys``, and no terminal size (a
+    test runner's COLUMNS would narrow the tables the tests read)."""
+    dropped = ("COLUMNS", "LINES")
+    kept = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k not in dropped}
+    return kept | keys
 
 
 async def start(*args: str, keys: dict[str, str] = KEY_ENV) -> asyncio.subprocess.Process:
