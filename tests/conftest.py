@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -21,6 +23,26 @@ FAST_POLLING = PollSettings(first_poll=0.02, min_interval=0.005, max_interval=0.
 FAST: dict[str, Any] = {"polling": FAST_POLLING, "retry_base": 0.01, "retry_cap": 0.05, "task_timeout": 20.0}
 
 SessionFactory = Callable[..., AsyncSession]
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_beside_others(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """A test marked ``alone`` (it times itself against a bound, or counts what load changes)
+    runs while no other xdist worker runs a test; the others run side by side.
+
+    Every test holds a shared lock on a file all workers see, an ``alone`` one the exclusive
+    lock; each takes a turnstile first, so a waiting ``alone`` test is not passed by a stream
+    of shared ones.
+    """
+    root = Path(tmp_path_factory.getbasetemp()).parent  # shared by the workers of one run
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(root / "tests.turnstile", "a") as turnstile, open(root / "tests.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture

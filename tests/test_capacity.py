@@ -218,6 +218,7 @@ async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete_with_few_refu
     assert refusals <= 0.05 * jobs, refusals
 
 
+@pytest.mark.alone
 async def test_the_cap_is_kept_full() -> None:
     """Elapsed within 1.15x of what the cap allows (jobs long enough that a loopback round trip
     per turn is not the measure; benchmarks/capacity.py runs the 1000-job figure)."""

@@ -448,6 +448,7 @@ async def run_workers(
     )
 
 
+@pytest.mark.alone
 async def test_three_processes_learn_and_share_one_keys_cap(
     capped: tuple[CappedServer, str], redis_url: str, namespace: str
 ) -> None:

@@ -440,6 +440,7 @@ async def test_a_lane_without_a_rate_turn_now_is_passed_over(
     await asyncio.gather(*handles)
 
 
+@pytest.mark.alone
 async def test_jobs_waiting_for_rate_turns_are_woken_when_each_comes_due(
     sessions: list[AsyncSession], emu: Emulator
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from image_gen_async import TaskResult
 from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 
@@ -15,6 +17,7 @@ DURATION = 0.2
 JOBS = 600
 
 
+@pytest.mark.alone
 async def test_600_jobs_over_three_capped_targets_take_the_summed_capacity() -> None:
     """Within 1.15x of what the summed caps allow: 600 jobs / (12 + 10 + 8) places x 0.2 s = 4 s."""
     # The emulator runs in its own process, as providers would: in-process, its work would
