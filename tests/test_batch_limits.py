@@ -52,6 +52,7 @@ def test_a_settled_job_counts_what_it_cost() -> None:
     assert (budget.spent, budget.reserved) == (1.0, 0.0)
 
 
+@pytest.mark.alone
 async def test_200_jobs_on_a_capped_account_all_finish(
     make_session: SessionFactory, emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -211,6 +211,7 @@ async def gathered_against_a_cap(jobs: int, cap: int, duration: float) -> tuple[
     return elapsed, stats
 
 
+@pytest.mark.alone
 async def test_1000_jobs_gathered_against_a_cap_of_10_all_complete_with_few_refusals() -> None:
     jobs = 1000
     _, stats = await gathered_against_a_cap(jobs, 10, 0.01)
@@ -227,6 +228,7 @@ async def test_the_cap_is_kept_full() -> None:
     assert elapsed <= 1.15 * jobs * duration / cap, elapsed
 
 
+@pytest.mark.alone
 async def test_get3w_429_cap_learned_the_same_way(make_session: SessionFactory, emulator: Emulator) -> None:
     jobs, cap = 1000, 20  # refusals come in the first overshoot only: enough jobs to see that
     emulator.config.duration = 0.03

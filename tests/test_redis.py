@@ -148,6 +148,7 @@ async def run_workers(
             await child.wait()
 
 
+@pytest.mark.alone
 async def test_three_processes_share_one_keys_limit(redis_url: str, namespace: str) -> None:
     # More creates than one second's worth, so the busiest second is measured, not the total; at
     # 20/s a worker may be late by up to 50 ms (a loaded machine) before two creates bunch.

@@ -19,6 +19,7 @@ SCALED_QPS = 200.0
 JOBS = 400  # two seconds at the limit: enough sliding windows to see one overrun
 
 
+@pytest.mark.alone
 async def test_400_dh3_jobs_stay_under_the_limit(make_session: SessionFactory) -> None:
     # The emulator runs in its own process, as a provider would: in-process, the client's
     # own load would delay the server's clock and bunch arrivals that were sent evenly.
