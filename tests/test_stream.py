@@ -37,6 +37,10 @@ def event(**fields: Any) -> bytes:
 STARTED = event(type="status", message="Generation started", progress=0, generationId=TASK)
 RUNNING = event(type="status", message="Generating image", progress=30, generationId=TASK)
 COMPLETE = event(type="complete", progress=100, generationId=TASK, data={"success": True, "imageUrls": [URL]})
+# The documented shape: PROVIDERS.md's events carry no generationId at all.
+BARE_STARTED = event(type="status", message="Generation started", progress=0)
+BARE_RUNNING = event(type="status", message="Generating image", progress=30)
+BARE_COMPLETE = event(type="complete", progress=100, data={"success": True, "imageUrls": [URL]})
 
 # What the stream does after its events: end cleanly, cut the connection, or go quiet.
 Ending = str
@@ -93,8 +97,6 @@ class StreamServer:
         if self.poll_status == "completed":
             record["outputImageUrls"] = [URL]
         return web.json_response({"data": record})
-
-
 
 
 async def test_generate_stream_reports_progress_and_statuses_on_the_emulator(
@@ -327,10 +329,6 @@ async def test_the_cli_shows_a_streamed_jobs_progress(
     assert emulator.stats.creates["nananobanana"] == 1 and not emulator.stats.polls.get("nananobanana")
     code = await asyncio.to_thread(cli.main, [*argv, "--prompt", "a fox", "--stream", "--provider", "dh3"])
     assert code == 2 and "no stream mode" in capsys.readouterr().err
-
-
-BARE_STARTED = event(type="status", message="Generation started", progress=0)
-BARE_RUNNING = event(type="status", message="Generating image", progress=30)
 
 
 async def test_a_documented_stream_that_drops_before_naming_its_task_is_uncertain_not_polled(

@@ -28,16 +28,9 @@ from image_gen_async._events import HEARTBEAT, MAX_EVENT_BYTES, EventTooLarge, S
 from image_gen_async._follow import stream_step
 from image_gen_async.providers import Snapshot
 
-from .conftest import MODELS
+from .test_stream import BARE_COMPLETE, BARE_RUNNING, BARE_STARTED, COMPLETE, MODEL, TASK, URL, event
 
-MODEL = MODELS["nananobanana"]
-TASK = "gen-1"
-URL = "https://cdn.example/gen-1.png"
 POLL_URL = "https://cdn.example/gen-1-polled.png"
-
-
-def event(**fields: Any) -> bytes:
-    return b"data: " + json.dumps(fields).encode() + b"\n\n"
 
 
 def status(progress: Any, task: str = TASK, **more: Any) -> bytes:
@@ -45,7 +38,6 @@ def status(progress: Any, task: str = TASK, **more: Any) -> bytes:
 
 
 STARTED = status(0)
-COMPLETE = event(type="complete", progress=100, generationId=TASK, data={"success": True, "imageUrls": [URL]})
 HEARTBEAT_LINE = b": heartbeat\n\n"
 
 Create = Callable[["Hostile", web.Request], Awaitable[web.StreamResponse]]
@@ -146,8 +138,6 @@ def streaming(chunks: list[bytes], **options: Any) -> Create:
         return await server.stream(request, chunks, **options)
 
     return create
-
-
 
 
 Maker = Callable[..., Awaitable[AsyncSession]]
@@ -519,11 +509,7 @@ def test_a_stream_step_never_goes_backwards(
     assert stream_step(now, progress, _event(event_status, event_progress)) == expected
 
 
-# The documented shape: PROVIDERS.md's events carry no generationId at all.
-
-BARE_STARTED = event(type="status", message="Generation started", progress=0)
-BARE_RUNNING = event(type="status", message="Generating image", progress=30)
-BARE_COMPLETE = event(type="complete", progress=100, data={"success": True, "imageUrls": [URL]})
+# The documented shape: PROVIDERS.md's events carry no generationId at all (BARE_*).
 
 
 async def test_a_stream_in_the_documented_shape_reports_its_progress(server_session: Maker) -> None:
