@@ -674,9 +674,6 @@ class _Destination(Protocol):
     ) -> TaskHandle:
         """Follow a task an earlier run created (on ``route``, for a router)."""
 
-    def route_of(self, handle: TaskHandle) -> str | None:
-        """What the journal records of where ``handle``'s task went (None for one client)."""
-
 
 @attrs.frozen
 class _OneClient:
@@ -710,9 +707,6 @@ class _OneClient:
         self, task_id: str, route: str | None, *, estimated_duration: float | None, timeout: float | None
     ) -> TaskHandle:
         return self.client.resume(task_id, self.model, estimated_duration=estimated_duration, timeout=timeout)
-
-    def route_of(self, handle: TaskHandle) -> str | None:
-        return None
 
 
 @attrs.frozen
@@ -748,9 +742,6 @@ class _Routed:
         if route is None:
             raise ConfigurationError(f"the journal names no route for task {task_id}: it cannot be polled")
         return self.router.resume(task_id, route, estimated_duration=estimated_duration, timeout=timeout)
-
-    def route_of(self, handle: TaskHandle) -> str | None:
-        return handle.route
 
 
 @attrs.define(eq=False)
@@ -1034,7 +1025,7 @@ class _Batch:
         The task is paid for from here on, so it is never left unnamed: a commit that fails
         (disk full) logs it as an ERROR and writes it to results.jsonl as best it can.
         """
-        task_id, route = handle.task_id, self.dest.route_of(handle)
+        task_id, route = handle.task_id, handle.route  # a router's lane; None for one client
         try:
             other = self.journal.line_with_task(task_id, job.line, route)
             if other is None:
