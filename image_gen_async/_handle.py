@@ -250,3 +250,13 @@ class TaskHandle:
             # A handle's error is its owner's to read; asyncio need not warn when they never do.
             self._future.exception()
             log.info("%s task %s: ended with %s", self.provider, self.task_id, type(error).__name__)
+
+
+async def result_of(handle: TaskHandle) -> TaskResult:
+    """``await handle`` for a caller that waits for the result itself (``generate()``):
+    cancelled, it cancels the handle, since nobody is left to take the result."""
+    try:
+        return await handle
+    except asyncio.CancelledError:
+        handle.cancel()  # stop polling for it
+        raise

@@ -19,7 +19,7 @@ from ._capacity import Account, CapacityGate, LocalGate, Slot
 from ._engine import Created, Engine, EngineSettings, OrphanedTask, usable_task_id
 from ._events import EventStream
 from ._follow import Follow
-from ._handle import TaskHandle
+from ._handle import TaskHandle, result_of
 from ._polling import PollSettings
 from ._ratelimit import Limiter
 from ._transport import Secret, Target
@@ -290,7 +290,7 @@ class ProviderClient:
                 on_progress=on_progress,
                 **params,
             )
-            return await self._result(handle)
+            return await result_of(handle)
         # Checked before the create is sent: a deadline that cannot work must not cost a task.
         timeout = _config.call_timeout(timeout)
         target = self._ready_model(model)
@@ -329,15 +329,7 @@ class ProviderClient:
             on_progress=on_progress,
         )
         self._trace(traced, handle, created)
-        return await self._result(handle)
-
-    @staticmethod
-    async def _result(handle: TaskHandle) -> TaskResult:
-        try:
-            return await handle
-        except asyncio.CancelledError:
-            handle.cancel()  # nobody is left to take the result: stop polling for it
-            raise
+        return await result_of(handle)
 
     def resume(
         self,

@@ -28,7 +28,7 @@ import attrs
 from . import _config as checks
 from ._capacity import Slot
 from ._engine import Created, Unplaced
-from ._handle import TaskHandle
+from ._handle import TaskHandle, result_of
 from ._transport import Target as Lane_
 from .errors import (
     AdmissionTimeoutError,
@@ -300,12 +300,7 @@ class Router:
     async def generate(self, *, prompt: str, timeout: float | None = None, **params: Any) -> TaskResult:
         """Submit and wait for the result; a lane whose API has a sync mode answers with it, as
         a client's ``generate()`` does (its place is given back the moment the answer arrives)."""
-        handle = await self._submit(prompt, timeout, None, params, sync=True)
-        try:
-            return await handle
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
+        return await result_of(await self._submit(prompt, timeout, None, params, sync=True))
 
     async def _submit(
         self,
