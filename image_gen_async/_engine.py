@@ -213,6 +213,11 @@ class Engine:
         """Raise ``SessionClosedError`` once the session is closed."""
         self.transport.http()
 
+    def deadline(self, timeout: float | None) -> float:
+        """A job's deadline (loop clock): its own ``timeout`` from now, else ``task_timeout``."""
+        span = self.settings.task_timeout if timeout is None else timeout
+        return asyncio.get_running_loop().time() + span
+
     async def close(self) -> None:
         await self.transport.close()
 

@@ -224,7 +224,7 @@ class ProviderClient:
                 target,
                 model,
                 request,
-                deadline=self._deadline(timeout),
+                deadline=self._session._engine.deadline(timeout),
                 hold_uncertain=lambda: self._hold_uncertain(model),
                 **options,
             )
@@ -244,11 +244,6 @@ class ProviderClient:
         when jobs of this model have shown it (else it is given back at once)."""
         longest = self._session._follow.planner.upper_bound((self.name, model), None)
         return None if longest is None else longest * 1.25
-
-    def _deadline(self, timeout: float | None) -> float:
-        """How long a job may wait for capacity (loop clock): its own ``timeout``, from now."""
-        span = self._session._engine.settings.task_timeout if timeout is None else timeout
-        return asyncio.get_running_loop().time() + span
 
     async def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
         if not webhook:

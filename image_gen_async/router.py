@@ -386,9 +386,7 @@ class Router:
 
     async def _place(self, job: _Job, ruled_out: set[_Lane]) -> TaskHandle:
         """Admit the job on a lane and create it there; a certain refusal tries again elsewhere."""
-        loop = asyncio.get_running_loop()
-        span = self._session._engine.settings.task_timeout if job.timeout is None else job.timeout
-        deadline = loop.time() + span
+        deadline = self._session._engine.deadline(job.timeout)
         last: ImageGenError | None = None
         while True:
             lanes = [lane for lane in job.requests if lane not in ruled_out]
