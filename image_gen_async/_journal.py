@@ -201,13 +201,10 @@ class Journal:
     def creating(self, line: int, route: str | None = None) -> None:
         """The create of job ``line`` goes out next (on ``route``, a router's lane); call
         ``durable()`` before sending it."""
-        if route is None:
-            self._set(line, "creating")
-        else:
-            self._db.execute(
-                "UPDATE jobs SET state = 'creating', route = ?, updated = ? WHERE line = ?",
-                (route, time.time(), line),
-            )
+        self._db.execute(
+            "UPDATE jobs SET state = 'creating', route = COALESCE(?, route), updated = ? WHERE line = ?",
+            (route, time.time(), line),
+        )
         if self._wal is None and self._wal_mode:
             # Opened here, on the writing thread, once: the WAL exists after a commit. SQLite
             # puts it next to the real file, wherever a symlinked path points.
