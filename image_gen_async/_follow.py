@@ -142,6 +142,15 @@ class Follow:
         self.finish(target, handle, snapshot.result, (took, took))
         return True
 
+    def wake(self, key: tuple[str, str]) -> None:
+        """Plan again every sleeping poll of ``key``: its first completion ends the cold plans.
+
+        Cold, most jobs of a kind sleep while a few look for them all (see ``_polling``); the
+        first one seen done says the others may be done too, sooner than their timers say.
+        """
+        for follower in [follower for follower in self.followers if follower.key == key]:
+            follower.wake()
+
     def finish(
         self,
         target: Target,
@@ -157,7 +166,10 @@ class Follow:
         if result.status is TaskStatus.COMPLETED:
             if took is not None:
                 key = (target.name, handle.model)
+                cold = not self.planner.warm(key)
                 self.planner.completed(key, handle, took[0], took[1], handle.estimated_duration)
+                if cold:
+                    self.wake(key)
             handle.resolve(result)
         else:
             handle.fail(failure_error(target, result))
@@ -205,6 +217,7 @@ class Follower:
         "_target",
         "_task",
         "_timer",
+        "_timer_polls",
         "_url",
         "_warned",
         "accepted",
@@ -242,6 +255,7 @@ class Follower:
         # Polls run in the submitter's context (log correlation ids and the like), copied once.
         self._context = contextvars.copy_context()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_polls = False  # the timer is the next poll's (not a webhook wait's)
         self._task: asyncio.Task[None] | None = None
         self._events: EventStream | None = None  # a stream create's open stream, while read
         # The task id is ours until an event names the provider's: no poll can find it.
@@ -257,6 +271,17 @@ class Follower:
         elif webhook:
             self._await_callback()
         else:
+            self._plan()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The provider and model whose history plans this job's polls."""
+        return self._key
+
+    def wake(self) -> None:
+        """Plan the next poll again now, if one is asleep on a timer (see ``Follow.wake``)."""
+        if self._timer is not None and self._timer_polls:
+            self._timer.cancel()
             self._plan()
 
     @property
@@ -307,6 +332,7 @@ class Follower:
             return
         recheck = now + max(follow.settings.polling.webhook_grace, now - self.accepted)
         self._timer = self._loop.call_at(min(due, recheck), self._await_callback, context=self._context)
+        self._timer_polls = False
 
     def _plan(self) -> None:
         """Arm the timer for the next poll, or send it now if it is due."""
@@ -332,6 +358,7 @@ class Follower:
                 due = self.deadline if looked else max(now, self._last_look)
             if due > now + SLACK:
                 self._timer = self._loop.call_at(due, self._plan, context=self._context)
+                self._timer_polls = True
             else:
                 self._poll_now()
         except Exception as error:  # every failure ends on the handle, never in a lost timer

@@ -221,3 +221,26 @@ async def test_a_burst_with_nothing_known_shares_its_polls(make_session: Session
         )
         await asyncio.gather(*handles)
         assert emulator.stats.polls["dh3"] == sum(h.polls for h in handles) <= 20 * 12
+
+
+async def test_the_first_completion_wakes_the_jobs_asleep_on_the_others(make_session: SessionFactory) -> None:
+    # 20 dh3 jobs of exactly 0.3 s gathered at once; each step doubles the age (0.05, 0.1,
+    # 0.2, 0.4 ...). A few look for all: the one step that sees jobs done (0.4) also tells
+    # the others to sleep on, to 0.8. The first job seen done wakes them: all are seen done
+    # together, not one whole step (0.4 s) apart.
+    config = EmulatorConfig(duration=0.3, duration_spread=0.0, dh3_qps=None, api_keys=dict(KEYS))
+    async with Emulator(config) as emulator:
+        session = make_session(
+            base_urls={"dh3": emulator.url},
+            polling=PollSettings(growth=1.0, first_poll=0.05, min_interval=0.005, max_interval=1.0),
+        )
+        handles = await asyncio.gather(
+            *(session.dh3.submit(MODELS["dh3"], prompt=f"w {i}") for i in range(20))
+        )
+        done: list[float] = []
+        for handle in handles:
+            handle.add_done_callback(lambda _: done.append(time.monotonic()))
+        await asyncio.gather(*handles)
+        assert max(done) - min(done) < 0.2
+        # And the few looked for all: far fewer polls than 20 jobs x 4 steps each.
+        assert emulator.stats.polls["dh3"] < 20 * 3

@@ -38,6 +38,7 @@ class Job:
     last_running: float = 0.0
     polls: int = 0
     seen_done: float | None = None
+    timer: int = 0  # the current timer's number: an older one fired is stale
 
 
 @attrs.define
@@ -48,12 +49,13 @@ class Sim:
     rng: random.Random
     settings: PollSettings = attrs.field(factory=lambda: SETTINGS)
     now: float = 0.0
-    events: list[tuple[float, int, str, Job]] = attrs.Factory(list)
+    events: list[tuple[float, int, str, Job, int]] = attrs.Factory(list)
     seq: int = 0
+    asleep: dict[Job, None] = attrs.Factory(dict)  # in the order they fell asleep
 
     def at(self, when: float, kind: str, job: Job) -> None:
         self.seq += 1
-        heapq.heappush(self.events, (when, self.seq, kind, job))
+        heapq.heappush(self.events, (when, self.seq, kind, job, job.timer))
 
     def plan(self, job: Job) -> None:
         age = self.planner.next_poll_age(KEY, job.estimate, job.last_poll, self.settings)
@@ -61,7 +63,9 @@ class Sim:
         if due > self.now + SLACK:
             # Timers fire a little late on a busy loop.
             self.at(due + self.rng.uniform(0.0, LATE), "timer", job)
+            self.asleep[job] = None
         else:
+            self.asleep.pop(job, None)
             job.last_poll = self.now - job.accepted
             self.at(self.now + self.rng.uniform(RTT / 2, 2 * RTT), "answer", job)
 
@@ -71,7 +75,12 @@ class Sim:
         assert sent is not None
         if sent >= job.duration:
             job.seen_done = self.now
+            cold = not self.planner.warm(KEY)
             self.planner.completed(KEY, job, job.last_running, sent, job.estimate)
+            if cold:  # as the follower does: the first completion wakes the sleepers
+                for sleeper in list(self.asleep):
+                    sleeper.timer += 1
+                    self.plan(sleeper)
             return
         job.last_running = sent
         self.planner.running(KEY, job, sent, job.estimate)
@@ -79,7 +88,9 @@ class Sim:
 
     def run(self) -> None:
         while self.events:
-            self.now, _, kind, job = heapq.heappop(self.events)
+            self.now, _, kind, job, timer = heapq.heappop(self.events)
+            if kind == "timer" and timer != job.timer:
+                continue  # woken since: planned again
             if kind == "answer":
                 self.answer(job)
             else:  # submitted, or a timer fired: plan again
