@@ -22,10 +22,13 @@ been seen taking longer. One job's estimate is that job's: it cannot move the ot
   durations. Each completed job tells us its duration lies between its last poll that
   saw it running and the one that saw it done; a job done at its first poll was not
   polled earlier because the bound said it would not be done, so it is placed a little
-  below that bound (``CENSORED_REACH``). From these brackets the median and the 97th
-  percentile are read off an interpolated distribution, and the 3rd percentile is taken
-  as their mirror image in log space (``median**2 / q97``): the lower tail is the part a
-  good schedule never observes. While few jobs are done the mirror can land high, so it
+  below that bound (``CENSORED_REACH``). A bracket of many steps (a job that slept on the
+  others' polls until it was woken) is spread the way the narrow ones are over its span,
+  not evenly: a burst's sleepers would otherwise drag the bound down for the bursts after
+  it. From these brackets the median and the 97th percentile are read off an
+  interpolated distribution, and the 3rd percentile is taken as their mirror image in
+  log space (``median**2 / q97``): the lower tail is the part a good schedule never
+  observes. While few jobs are done the mirror can land high, so it
   stays a little under the quickest job seen done. The first poll comes a little more
   than one growth step after it (``FIRST_STEP_STRETCH``).
 - Cold, with jobs in flight: the jobs of a model share their polls. No job is expected to
@@ -33,7 +36,8 @@ been seen taking longer. One job's estimate is that job's: it cannot move the ot
   seen running at (or is being polled at right now): until something completes, a few
   jobs look for all of them, and the others sleep on. A burst of 50 jobs gathered at once
   then costs ``COHORT`` polls a step, not 50. (Not once warm: then the oldest jobs still
-  running are the slow ones, and they would hold every new job back.)
+  running are the slow ones, and they would hold every new job back.) The first completion
+  wakes the sleepers (the follower plans them again): they may be done too.
 - Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
 - Nothing known at all: ``first_poll``, then the usual growth.
 """
@@ -86,6 +90,13 @@ WEBHOOK_LATE_FACTOR = 1.25
 SLACK = 0.001
 # A job due within this share of a growth step counts as polled now (see next_poll_age).
 IN_FLIGHT_TOLERANCE = 0.5
+# A bracket of more than WIDE_STEPS growth steps is wide (a first poll's, CENSORED_REACH
+# steps below its bound plus the stretched step, is not); wide ones take the shape of the
+# narrow ones, once there are WIDE_NEEDS_NARROW of those, and at least WIDE_SHAPE_JOBS of
+# them fall within the wide one's span.
+WIDE_STEPS = 3.5
+WIDE_NEEDS_NARROW = 8
+WIDE_SHAPE_JOBS = 0.5
 
 Key = tuple[str, str]
 
@@ -165,10 +176,10 @@ class _Durations:
         if len(self.brackets) < FEW_DONE or self.added >= LOWER_REFRESH:
             self.stale = True
 
-    def lower(self) -> float:
+    def lower(self, growth: float) -> float:
         """The warm lower bound, worked out again (lazily: when a plan needs it) if stale."""
         if self.cached is None or self.stale:
-            self.cached, self.added, self.stale = _warm_lower(self.brackets), 0, False
+            self.cached, self.added, self.stale = _warm_lower(self.brackets, growth), 0, False
         return self.cached
 
     def planned_with(self) -> float | None:
@@ -424,10 +435,11 @@ class PollPlanner:
         """The learned lower bound in seconds, in the unit this job's estimate allows; None: cold."""
         if history is None:
             return None
+        growth = self._settings.growth
         if usable is not None and history.ratios.brackets:
-            return history.ratios.lower() * usable
+            return history.ratios.lower(growth) * usable
         if history.seconds.brackets:
-            return history.seconds.lower()
+            return history.seconds.lower(growth)
         return None
 
     def _cold_lower(
@@ -461,7 +473,7 @@ def _planned_lower(history: _History, usable: float | None) -> float | None:
     return history.seconds.planned_with()
 
 
-def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
+def _warm_lower(brackets: deque[tuple[float, float]], growth: float) -> float:
     """The 3rd percentile of the durations the brackets describe (see the module docstring)."""
     censored = [done for running, done in brackets if running <= 0]
     seen = [(running, done) for running, done in brackets if running > 0]
@@ -473,16 +485,39 @@ def _warm_lower(brackets: deque[tuple[float, float]]) -> float:
 
     censored.sort()
     highest = max(done for _, done in brackets)
+    # A bracket of many steps (a job that slept on the others' polls until one was seen
+    # done) says little of where in it the job ended: it is spread the way the narrow
+    # brackets are over its span, evenly only where too few of them fall in it.
+    span = (1 + growth) ** WIDE_STEPS
+    narrow = [(running, done) for running, done in seen if done <= running * span]
+    wide = [(running, done) for running, done in seen if done > running * span]
+    if len(narrow) < WIDE_NEEDS_NARROW:
+        narrow, wide = seen, []
 
-    def share_done_by(x: float) -> float:
-        # Each bracketed job is spread evenly over its bracket; a censored one sits at its bound.
-        # (The loop is the planner's hot spot: plain arithmetic, no call per bracket.)
+    def narrow_done_by(x: float) -> float:
+        # Each narrow job is spread evenly over its bracket. (The loop is the planner's hot
+        # spot: plain arithmetic, no call per bracket.)
         count = 0.0
-        for running, done in seen:
+        for running, done in narrow:
             if x >= done:
                 count += 1.0
             elif x > running:
                 count += (x - running) / (done - running)
+        return count
+
+    wide_ends = [(narrow_done_by(running), narrow_done_by(done)) for running, done in wide]
+
+    def share_done_by(x: float) -> float:
+        # A censored job sits at its bound.
+        count = shaped = narrow_done_by(x)
+        for (running, done), (before, by_done) in zip(wide, wide_ends, strict=True):
+            if x >= done:
+                count += 1.0
+            elif x > running:
+                if by_done - before >= WIDE_SHAPE_JOBS:
+                    count += min(1.0, max(0.0, (shaped - before) / (by_done - before)))
+                else:
+                    count += (x - running) / (done - running)
         return (count + bisect.bisect_right(censored, x)) / total
 
     def quantile(p: float) -> float:
