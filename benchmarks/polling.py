@@ -7,12 +7,11 @@ bursts of 50 gathered at once, each once the one before is done (cold = the firs
 for a model nothing is known about; warm = the next four). Time is scaled: a 27 s job
 takes 1 s, so 3 s polling becomes 0.111 s.
 
-Detection lag is measured at the server: from a job's end to the arrival of the poll that
-found it done. What follows (the answer's way back and its handling) runs in the one event
-loop that also serves the emulator and every other job's polls; that CPU time is not
-scaled with the clock, so it weighs 27x what it would against real jobs (in a burst, 50
-polls due together queue behind each other for 10-50 ms: 1-5 % of a 1 s job, 0.05-0.2 % of
-a 27 s one). The lag as the caller saw it (its done callback) is shown next to it.
+The emulator runs in its own process (``_pollserver``), as a provider would: in ours, its
+CPU time would delay our polls, and 27x more than against real jobs, since the clock is
+scaled and CPU time is not. Detection lag is measured there: from a job's end to the
+arrival of the poll that found it done. The lag as the caller saw it (its done callback:
+the answer's way back and its handling in our loop) is shown next to it.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from image_gen_async import TaskHandle
-from image_gen_async.testing import Emulator, EmulatorConfig
+from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 
 from ._common import MODELS, TIME_SCALE, Row, p95, session_for
 
@@ -90,21 +89,35 @@ def watch_polls(emulator: Emulator) -> dict[str, float]:
     return arrivals
 
 
-def lags(emulator: Emulator, when: Sequence[tuple[str, float]]) -> list[float]:
+# Per task id: when it ends, how long it takes, when its latest poll arrived (monotonic).
+Report = dict[str, tuple[float, float, float]]
+
+
+def server(bias: float | None) -> EmulatorProcess:
+    """The emulator for one scenario, in its own process (see the module docstring)."""
+    return EmulatorProcess("none" if bias is None else str(bias), module="benchmarks._pollserver")
+
+
+async def report(emulator: EmulatorProcess) -> Report:
+    async with aiohttp.ClientSession() as http, http.get(f"{emulator.url}/_bench/tasks") as answer:
+        answer.raise_for_status()
+        result: Report = await answer.json()
+        return result
+
+
+def lags(tasks: Report, when: Sequence[tuple[str, float]]) -> list[float]:
     """Each job's detection lag as a share of its duration, ``when`` it was seen done."""
     shares = []
     for task_id, at in when:
-        task = emulator.tasks[task_id]
-        shares.append(max(0.0, at - task.finish_at) / task.duration)
+        finish_at, duration, _ = tasks[task_id]
+        shares.append(max(0.0, at - finish_at) / duration)
     return shares
 
 
-def summarise(
-    emulator: Emulator, polls: list[int], resolved: list[tuple[str, float]], arrivals: dict[str, float]
-) -> Outcome:
+def summarise(tasks: Report, polls: list[int], resolved: list[tuple[str, float]]) -> Outcome:
     """Split the jobs into cold and warm and measure each part."""
-    at_server = lags(emulator, [(task_id, arrivals[task_id]) for task_id, _ in resolved])
-    at_caller = lags(emulator, resolved)
+    at_server = lags(tasks, [(task_id, tasks[task_id][2]) for task_id, _ in resolved])
+    at_caller = lags(tasks, resolved)
     return Outcome(
         sum(polls[:COLD]) / COLD,
         sum(polls[COLD:]) / WARM,
@@ -136,9 +149,7 @@ SUBMIT = {"steady": steady, "burst": bursts}
 
 async def ours(mode: str, client: str, bias: float | None) -> Outcome:
     """The library, learning as it goes."""
-    emulator = Emulator(emulator_config(bias))
-    arrivals = watch_polls(emulator)
-    async with emulator, session_for(emulator.url) as session:
+    async with server(bias) as emulator, session_for(emulator.url) as session:
         handles: dict[int, TaskHandle] = {}
         resolved: dict[str, float] = {}
 
@@ -153,14 +164,12 @@ async def ours(mode: str, client: str, bias: float | None) -> Outcome:
         await SUBMIT[mode](start, wait_all)
         ordered = [handles[i] for i in range(COLD + WARM)]
         seen = [(h.task_id, resolved[h.task_id]) for h in ordered]
-        return summarise(emulator, [h.polls for h in ordered], seen, arrivals)
+        return summarise(await report(emulator), [h.polls for h in ordered], seen)
 
 
 async def fixed_interval(mode: str) -> Outcome:
     """The seeds' own loop: poll, and sleep 3 s (scaled) until the task is done."""
-    emulator = Emulator(emulator_config(None))
-    arrivals = watch_polls(emulator)
-    async with emulator, aiohttp.ClientSession() as http:
+    async with server(None) as emulator, aiohttp.ClientSession() as http:
         headers = {"Authorization": "Bearer bench-key"}
         polls = [0] * (COLD + WARM)
         resolved = [("", 0.0)] * (COLD + WARM)
@@ -190,7 +199,7 @@ async def fixed_interval(mode: str) -> Outcome:
             await asyncio.gather(*jobs)
 
         await SUBMIT[mode](start, wait_all)
-        return summarise(emulator, polls, resolved, arrivals)
+        return summarise(await report(emulator), polls, resolved)
 
 
 def rows_for(mode: str, label: str, outcome: Outcome, baseline: Outcome) -> list[Row]:

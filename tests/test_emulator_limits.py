@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from image_gen_async import AsyncSession, PollSettings
+from image_gen_async.providers import EXAMPLE_MODELS
 from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 from image_gen_async.testing.__main__ import config_from, parse_args
 from image_gen_async.testing._limits import (
@@ -611,3 +613,25 @@ def test_bad_limit_flags_exit_2_naming_the_flag_not_the_key(
     assert stopped.value.code == 2
     stderr = capsys.readouterr().err
     assert named in stderr and "sk-limits-secret" not in stderr
+
+
+async def test_emulator_process_runs_another_module_that_serves_the_same_way() -> None:
+    # The polling benchmark's emulator: the same APIs, and a route that says when each
+    # task ends and when its latest poll arrived (on the clock this process shares).
+    async with (
+        EmulatorProcess("none", module="benchmarks._pollserver") as process,
+        AsyncSession(
+            api_keys={"dh3": KEY_A},
+            base_urls={"dh3": process.url},
+            rate_limits={"dh3": None},
+            polling=PollSettings(first_poll=0.5, min_interval=0.01, max_interval=0.1),
+        ) as session,
+    ):
+        handle = await session.dh3.submit(EXAMPLE_MODELS["dh3"], prompt="a red fox")
+        await handle
+        seen_done = time.monotonic()
+        async with aiohttp.ClientSession() as http, http.get(f"{process.url}/_bench/tasks") as answer:
+            tasks = await answer.json()
+    finish_at, duration, last_poll = tasks[handle.task_id]
+    assert duration == pytest.approx(1.0, abs=0.1)  # the benchmark's jobs: 1 s +- 10 %
+    assert finish_at <= last_poll <= seen_done

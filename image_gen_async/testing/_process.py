@@ -18,10 +18,15 @@ READY_PREFIX = "image_gen_async emulator serving on "
 
 
 class EmulatorProcess:
-    """``python -m image_gen_async.testing`` on a free loopback port, stopped on exit."""
+    """``python -m image_gen_async.testing`` on a free loopback port, stopped on exit.
 
-    def __init__(self, *args: str) -> None:
+    ``module``: another module to run instead, one that takes ``--port`` and prints the same
+    ready line (a benchmark's emulator with a route of its own, say).
+    """
+
+    def __init__(self, *args: str, module: str = "image_gen_async.testing") -> None:
         self.args = args
+        self.module = module
         self.url = ""
         self._process: asyncio.subprocess.Process | None = None
 
@@ -30,7 +35,7 @@ class EmulatorProcess:
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "image_gen_async.testing",
+            self.module,
             "--port",
             "0",
             *self.args,
