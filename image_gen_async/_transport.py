@@ -362,6 +362,14 @@ class Transport:
                         events.close()
                     response.close()
                     raise
+        except aiohttp.ServerTimeoutError as error:
+            # aiohttp's own clocks (a TimeoutError too): say which one, not the exchange's limit.
+            waited = self.connect_timeout if isinstance(error, aiohttp.ConnectionTimeoutError) else None
+            failure = TransportError(
+                f"{where}: no connection within {waited:.1f} s"
+                if waited is not None
+                else f"{where}: no data for {read_timeout or self.read_timeout:.1f} s"
+            )
         except TimeoutError:
             if connecting is not None and ticket is not None and not ticket.was_sent:
                 raise AdmissionTimeoutError(

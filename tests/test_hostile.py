@@ -277,6 +277,28 @@ def trickle(status: int = 200) -> Any:
     return handler
 
 
+def stall(status: int = 200) -> Any:
+    """A handler that sends its headers and then nothing, for longer than any test waits."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await asyncio.sleep(30)
+        return response
+
+    return handler
+
+
+async def test_a_server_gone_quiet_is_named_by_the_read_timeout_not_the_exchange_limit(
+    make_session: SessionFactory, odd_server: Any
+) -> None:
+    # aiohttp's read timeout is a TimeoutError too: the error says which clock ran out.
+    url = await odd_server({"POST /api/v1/task/create": stall()})
+    session = make_session(base_urls={"dh3": url}, read_timeout=0.2)
+    with pytest.raises(SubmitUncertainError, match=r"no data for 0\.2 s"):
+        await session.dh3.submit(DH3_MODEL, prompt="a fox")
+
+
 async def test_a_trickling_server_cannot_hold_a_create_or_a_poll_past_its_limits(
     make_session: SessionFactory, odd_server: Any
 ) -> None:
