@@ -141,16 +141,17 @@ def simulate(
 
 # (mode, estimate bias) -> the most polls per job cold, warm (100 jobs), and the p95 lag, from 2 seeds.
 # What the planner reaches in simulation (see the module docstring); the bounds leave room
-# for the seeds, not for a worse schedule.
+# for the seeds, not for a worse schedule. (The simulation's lag runs 1-2 points above the
+# benchmark's: it counts to the answer's arrival, on timers that fire up to 3 ms late.)
 EXPECTED = [
-    ("steady", 0.5, 4.5, 2.0, 0.11),
-    ("steady", 1.0, 3.5, 2.0, 0.11),
-    ("steady", 2.0, 2.5, 2.0, 0.11),
-    ("steady", None, 4.5, 2.0, 0.11),
-    ("burst", 0.5, 4.5, 2.0, 0.11),
-    ("burst", 1.0, 3.5, 2.0, 0.11),
-    ("burst", 2.0, 2.5, 2.0, 0.11),
-    ("burst", None, 4.5, 2.0, 0.12),
+    ("steady", 0.5, 4.0, 1.7, 0.13),
+    ("steady", 1.0, 3.0, 1.7, 0.13),
+    ("steady", 2.0, 2.2, 1.7, 0.13),
+    ("steady", None, 4.3, 1.7, 0.13),
+    ("burst", 0.5, 4.5, 1.7, 0.13),
+    ("burst", 1.0, 3.6, 1.7, 0.13),
+    ("burst", 2.0, 2.4, 1.7, 0.13),
+    ("burst", None, 4.7, 1.7, 0.13),
 ]
 
 
