@@ -9,7 +9,7 @@ import math
 import pytest
 
 from image_gen_async import AsyncSession, Limiter, LocalBackend, PollSettings, RateLimiter, TaskStatus
-from image_gen_async._polling import PollPlanner
+from image_gen_async._polling import FIRST_STEP_STRETCH, PollPlanner
 from image_gen_async._ratelimit import Ticket
 from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 
@@ -150,7 +150,8 @@ def test_poll_plan_warm_stretches_only_the_first_step() -> None:
         planner.completed(key, i, duration * 0.96, duration * 1.04, None)
     lower = planner.lower_bound(key, None)
     assert lower is not None
-    assert planner.next_poll_age(key, None, None, settings) == pytest.approx(lower * 1.09)
+    first = planner.next_poll_age(key, None, None, settings)
+    assert first == pytest.approx(lower * (1 + 0.08 * FIRST_STEP_STRETCH))
     # Later polls keep to one growth step: the stretch is for the first one only.
     assert planner.next_poll_age(key, None, 30.0, settings) == pytest.approx(30.0 * 1.08)
 
