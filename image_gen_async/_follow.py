@@ -48,6 +48,8 @@ SLACK = 0.001
 # The last look before a deadline comes this share of the job's time (at most LAST_LOOK_MAX s) early.
 LAST_LOOK_SHARE = 0.1
 LAST_LOOK_MAX = 1.0
+# Sleeping polls planned again per turn of the loop when a kind's first job completes.
+WAKE_BATCH = 1000
 
 
 class Follow:
@@ -147,9 +149,17 @@ class Follow:
 
         Cold, most jobs of a kind sleep while a few look for them all (see ``_polling``); the
         first one seen done says the others may be done too, sooner than their timers say.
+        A thousand at a time, each batch in its own turn of the loop: with 100,000 asleep the
+        loop is never held for long.
         """
-        for follower in [follower for follower in self.followers if follower.key == key]:
+        self._wake_batch([follower for follower in self.followers if follower.key == key])
+
+    def _wake_batch(self, sleepers: list[Follower]) -> None:
+        batch, rest = sleepers[:WAKE_BATCH], sleepers[WAKE_BATCH:]
+        for follower in batch:
             follower.wake()
+        if rest:
+            asyncio.get_running_loop().call_soon(self._wake_batch, rest)
 
     def finish(
         self,
@@ -169,7 +179,8 @@ class Follow:
                 cold = not self.planner.warm(key)
                 self.planner.completed(key, handle, took[0], took[1], handle.estimated_duration)
                 if cold:
-                    self.wake(key)
+                    # After this handle is resolved (its result waits for nobody's timers).
+                    asyncio.get_running_loop().call_soon(self.wake, key)
             handle.resolve(result)
         else:
             handle.fail(failure_error(target, result))
