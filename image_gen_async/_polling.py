@@ -92,10 +92,12 @@ WEBHOOK_LATE_FACTOR = 1.25
 SLACK = 0.001
 # A job due within this share of a growth step counts as polled now (see next_poll_age).
 IN_FLIGHT_TOLERANCE = 0.5
-# A bracket of more than WIDE_STEPS growth steps is wide (a first poll's, from CENSORED_REACH
-# steps below its bound to the stretched step above it, about 3.4, is not); wide ones take
-# the shape of the narrow ones, once there are WIDE_NEEDS_NARROW of those, and at least
-# WIDE_SHAPE_JOBS of them fall within the wide one's span.
+# A bracket of more than WIDE_STEPS growth steps is wide; wide ones take the shape of the
+# narrow ones, once there are WIDE_NEEDS_NARROW of those, and at least WIDE_SHAPE_JOBS of
+# them fall within the wide one's span. A first poll's bracket, from CENSORED_REACH steps
+# below its bound to the stretched step above it (3.4 steps), is just under it; one whose
+# bound has moved on since its poll was planned may be over it, and is shaped too. (Kept
+# out of the shaping altogether, they drag the bound down; all shaped, up: both measured.)
 WIDE_STEPS = 3.5
 WIDE_NEEDS_NARROW = 8
 WIDE_SHAPE_JOBS = 0.5
@@ -298,7 +300,7 @@ class PollPlanner:
     any monotonic clock: only differences of its readings are used.
     """
 
-    __slots__ = ("_clock", "_history", "_settings", "_size")
+    __slots__ = ("_clock", "_growth", "_history", "_settings", "_size")
 
     def __init__(
         self,
@@ -309,6 +311,9 @@ class PollPlanner:
         self._size = history
         self._history: dict[Key, _History] = {}
         self._settings = settings or PollSettings()
+        # The session's growth, for the brackets' widths: plans may come with another (the
+        # keen settings while creates wait for capacity), but the history is the same.
+        self._growth = self._settings.growth
         self._clock = clock
 
     def _of(self, key: Key) -> _History:
@@ -437,11 +442,10 @@ class PollPlanner:
         """The learned lower bound in seconds, in the unit this job's estimate allows; None: cold."""
         if history is None:
             return None
-        growth = self._settings.growth
         if usable is not None and history.ratios.brackets:
-            return history.ratios.lower(growth) * usable
+            return history.ratios.lower(self._growth) * usable
         if history.seconds.brackets:
-            return history.seconds.lower(growth)
+            return history.seconds.lower(self._growth)
         return None
 
     def _cold_lower(

@@ -13,7 +13,16 @@ import time
 import pytest
 
 from image_gen_async import PollSettings
-from image_gen_async._polling import COHORT, PollPlanner, clean_estimate, estimate_range, first_poll_cap
+from image_gen_async._polling import (
+    CENSORED_REACH,
+    COHORT,
+    FIRST_STEP_STRETCH,
+    WIDE_STEPS,
+    PollPlanner,
+    clean_estimate,
+    estimate_range,
+    first_poll_cap,
+)
 from image_gen_async.testing import Emulator, EmulatorConfig
 
 from .conftest import KEYS, MODELS, SessionFactory
@@ -263,3 +272,25 @@ def test_jobs_woken_after_sleeping_do_not_drag_the_bound_down() -> None:
         else:
             planner.completed(KEY, i, 0.6, wake, None)
     assert planner.lower_bound(KEY, None) == pytest.approx(0.906, rel=0.02)
+
+
+def test_a_first_polls_bracket_is_not_wide_and_plans_at_another_growth_do_not_move_the_bound() -> None:
+    # Done at its first poll, a job's bracket runs from CENSORED_REACH steps below the bound
+    # to the stretched step above it: under WIDE_STEPS, so spread as measured, not reshaped.
+    growth = PollSettings().growth
+    first_poll = (1 + growth) ** CENSORED_REACH * (1 + growth * FIRST_STEP_STRETCH)
+    assert first_poll < (1 + growth) ** WIDE_STEPS
+    # The brackets' widths are judged at the session's growth, whatever growth a plan comes
+    # with (half of it while creates wait for capacity): the bound is the same either way.
+    def taught(keen: bool) -> float | None:
+        planner = PollPlanner(settings=PollSettings())
+        for i in range(72):
+            if i == 64 and keen:
+                planner.next_poll_age(KEY, None, None, PollSettings(growth=growth / 2))
+            duration = 27.0 * (0.9 + 0.2 * ((i * 37) % 72 + 0.5) / 72)
+            # The quicker half done at their first poll, the others a step after a running one.
+            width = first_poll if duration < 27.0 else 1 + growth
+            planner.completed(KEY, i, duration * 1.02 / width, duration * 1.02, None)
+        return planner.lower_bound(KEY, None)
+
+    assert taught(keen=True) == pytest.approx(taught(keen=False))
