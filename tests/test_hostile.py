@@ -7,6 +7,7 @@ typed error, nothing paid twice, memory and time bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -23,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from image_gen_async import (
+    AdmissionTimeoutError,
     ConfigurationError,
     DownloadError,
     ImageGenError,
@@ -297,6 +299,35 @@ async def test_a_server_gone_quiet_is_named_by_the_read_timeout_not_the_exchange
     session = make_session(base_urls={"dh3": url}, read_timeout=0.2)
     with pytest.raises(SubmitUncertainError, match=r"no data for 0\.2 s"):
         await session.dh3.submit(DH3_MODEL, prompt="a fox")
+
+
+async def test_a_connect_that_times_out_is_retried_and_named_by_the_connect_timeout(
+    make_session: SessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A listening socket whose accept queue is full: a new connect gets no answer at all,
+    # so aiohttp's own connect clock runs out. Nothing was sent: the create is tried again,
+    # and the error says which clock ran out (not the exchange's limit, not the deadline).
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    queued = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # it completes in the kernel's queue
+            filler.connect(server.getsockname())
+        queued.append(filler)
+    caplog.set_level(logging.WARNING, "image_gen_async")
+    url = "http://{}:{}".format(*server.getsockname())
+    session = make_session(base_urls={"dh3": url}, connect_timeout=0.2, create_retries=1)
+    try:
+        with pytest.raises(TransportError, match=r"no connection within 0\.2 s") as caught:
+            await session.dh3.submit(DH3_MODEL, prompt="a fox", timeout=30)
+        assert not isinstance(caught.value, SubmitUncertainError | AdmissionTimeoutError)
+        assert "create retry 1" in caplog.text
+    finally:
+        for sock in (*queued, server):
+            sock.close()
 
 
 async def test_a_trickling_server_cannot_hold_a_create_or_a_poll_past_its_limits(
