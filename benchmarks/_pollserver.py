@@ -34,7 +34,8 @@ async def serve(port: int, bias: float | None) -> None:
 
     emulator.app.router.add_get("/_bench/tasks", tasks)
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     url = await emulator.start(port=port)
     print(f"{READY_PREFIX}{url}", flush=True)
     try:

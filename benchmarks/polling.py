@@ -89,8 +89,9 @@ def watch_polls(emulator: Emulator) -> dict[str, float]:
     return arrivals
 
 
-# Per task id: when it ends, how long it takes, when its latest poll arrived (monotonic).
-Report = dict[str, tuple[float, float, float]]
+# Per task id: when it ends, how long it takes, when its latest poll arrived (monotonic;
+# None: never polled).
+Report = dict[str, tuple[float, float, float | None]]
 
 
 def server(bias: float | None) -> EmulatorProcess:
@@ -114,9 +115,17 @@ def lags(tasks: Report, when: Sequence[tuple[str, float]]) -> list[float]:
     return shares
 
 
+def polled_last(tasks: Report, task_id: str) -> float:
+    """When the poll that saw ``task_id`` done arrived (every job is polled at least once)."""
+    arrived = tasks[task_id][2]
+    if arrived is None:
+        raise RuntimeError(f"task {task_id} ended without a poll reaching the server")
+    return arrived
+
+
 def summarise(tasks: Report, polls: list[int], resolved: list[tuple[str, float]]) -> Outcome:
     """Split the jobs into cold and warm and measure each part."""
-    at_server = lags(tasks, [(task_id, tasks[task_id][2]) for task_id, _ in resolved])
+    at_server = lags(tasks, [(task_id, polled_last(tasks, task_id)) for task_id, _ in resolved])
     at_caller = lags(tasks, resolved)
     return Outcome(
         sum(polls[:COLD]) / COLD,

@@ -7,9 +7,11 @@ library's capacity gate and account stops are tested against.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +33,7 @@ from image_gen_async.testing._limits import (
 )
 from image_gen_async.testing._state import RunningTasks
 
+CHECKOUT = str(Path(__file__).resolve().parents[1])  # where ``benchmarks`` lives
 KEY_A = "sk-limits-key-a"
 KEY_B = "sk-limits-key-b"
 PROVIDERS = ("get3w", "get3w_v3", "dh3", "nananobanana")
@@ -615,9 +618,13 @@ def test_bad_limit_flags_exit_2_naming_the_flag_not_the_key(
     assert named in stderr and "sk-limits-secret" not in stderr
 
 
-async def test_emulator_process_runs_another_module_that_serves_the_same_way() -> None:
+async def test_emulator_process_runs_another_module_that_serves_the_same_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The polling benchmark's emulator: the same APIs, and a route that says when each
     # task ends and when its latest poll arrived (on the clock this process shares).
+    # (The child finds ``benchmarks`` from the checkout, wherever pytest was started.)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")])))
     async with (
         EmulatorProcess("none", module="benchmarks._pollserver") as process,
         AsyncSession(
