@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from aiohttp import web
 
 from image_gen_async.testing import Emulator
-from image_gen_async.testing._process import READY_PREFIX
+from image_gen_async.testing._process import serve_until_stopped
 
 from .polling import emulator_config, watch_polls
 
@@ -33,15 +32,7 @@ async def serve(port: int, bias: float | None) -> None:
         )
 
     emulator.app.router.add_get("/_bench/tasks", tasks)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    url = await emulator.start(port=port)
-    print(f"{READY_PREFIX}{url}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await emulator.close()
+    await serve_until_stopped(emulator, port=port)
 
 
 def main() -> None:

@@ -362,14 +362,12 @@ class Transport:
                         events.close()
                     response.close()
                     raise
-        except aiohttp.ServerTimeoutError as error:
-            # aiohttp's own clocks (a TimeoutError too): say which one, not the exchange's limit.
-            waited = self.connect_timeout if isinstance(error, aiohttp.ConnectionTimeoutError) else None
-            failure = TransportError(
-                f"{where}: no connection within {waited:.1f} s"
-                if waited is not None
-                else f"{where}: no data for {read_timeout or self.read_timeout:.1f} s"
-            )
+        # aiohttp's own clocks raise TimeoutErrors too: say which one ran out, not the exchange's.
+        except aiohttp.ConnectionTimeoutError:
+            failure = TransportError(f"{where}: no connection within {self.connect_timeout:.1f} s")
+        except aiohttp.ServerTimeoutError:
+            quiet = self.read_timeout if read_timeout is None else read_timeout
+            failure = TransportError(f"{where}: no data for {quiet:.1f} s")
         except TimeoutError:
             if connecting is not None and ticket is not None and not ticket.was_sent:
                 raise AdmissionTimeoutError(

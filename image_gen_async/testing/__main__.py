@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 
 from ._emulator import Emulator
 from ._limits import account_problem, credits_problem, retry_after_problem
+from ._process import serve_until_stopped
 from ._state import EmulatorConfig
 
 
@@ -146,18 +146,7 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
 
 async def serve(args: argparse.Namespace) -> None:
     """Serve until Ctrl-C or SIGTERM, then close cleanly."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
-            loop.add_signal_handler(signum, stop.set)
-    emulator = Emulator(config_from(args))
-    url = await emulator.start(args.host, args.port)
-    print(f"image_gen_async emulator serving on {url} (Ctrl-C to stop)", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await emulator.close()
+    await serve_until_stopped(Emulator(config_from(args)), args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,20 +8,40 @@ process sees requests as a real provider would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
+from ._emulator import Emulator
+
 READY_PREFIX = "image_gen_async emulator serving on "
+
+
+async def serve_until_stopped(emulator: Emulator, host: str = "127.0.0.1", port: int = 0) -> None:
+    """Start ``emulator``, print the ready line ``EmulatorProcess`` waits for, and serve until
+    Ctrl-C or SIGTERM; then close it cleanly. (Also for an emulator with routes of its own.)"""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+            loop.add_signal_handler(signum, stop.set)
+    url = await emulator.start(host, port)
+    print(f"{READY_PREFIX}{url} (Ctrl-C to stop)", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await emulator.close()
 
 
 class EmulatorProcess:
     """``python -m image_gen_async.testing`` on a free loopback port, stopped on exit.
 
-    ``module``: another module to run instead, one that takes ``--port`` and prints the same
-    ready line (a benchmark's emulator with a route of its own, say).
+    ``module``: another module to run instead, one that takes ``--port`` and serves with
+    ``serve_until_stopped`` (a benchmark's emulator with a route of its own, say).
     """
 
     def __init__(self, *args: str, module: str = "image_gen_async.testing") -> None:
