@@ -35,10 +35,7 @@ been seen taking longer. One job's estimate is that job's: it cannot move the ot
   end before one growth step past the ``COHORT``-th oldest age another job of its kind was
   seen running at (or is being polled at right now): until something completes, a few
   jobs look for all of them, and the others sleep on. A burst of 50 jobs gathered at once
-  then costs ``COHORT`` polls a step, not 50. Those looks are staggered, a COHORT-th of a
-  step apart, not made together at the step's end: the first completion is seen sooner
-  (then the next look may come up to two steps past the COHORT-th oldest age; see
-  ``_Top.floor``). (Not once warm: then the oldest jobs still
+  then costs ``COHORT`` polls a step, not 50. (Not once warm: then the oldest jobs still
   running are the slow ones, and they would hold every new job back.) The first completion
   wakes the sleepers (the follower plans them again): they may be done too.
 - Cold, with an estimate: from ``0.45 x estimate`` (estimates can be 2x too high).
@@ -69,10 +66,6 @@ RATIO_SPAN = 8.0
 FIRST_POLL_CAP_INTERVALS = 10.0
 # Cold: this many jobs look for all the others of their kind at each growth step.
 COHORT = 5
-# Cold, the oldest evidence holds the others' looks at most this many steps past the
-# COHORT-th oldest (it staggers them: a bunch of looks needs 1.8 steps to spread out), so
-# one job stuck far older cannot hold them longer.
-COHORT_HOLD = 2.0
 # Running jobs remembered per provider+model, as a multiple of the history size.
 RUNNING_FACTOR = 4
 # A job done at its first poll is taken to have ended somewhere in the CENSORED_REACH growth
@@ -97,8 +90,7 @@ LOWER_REFRESH = 8
 WEBHOOK_LATE_FACTOR = 1.25
 # A timer may fire this much before its time; the follower polls then (as it does).
 SLACK = 0.001
-# A job due within this share of a look's step (a COHORT-th of a growth step, cold) counts
-# as polled now (see next_poll_age).
+# A job due within this share of a growth step counts as polled now (see next_poll_age).
 IN_FLIGHT_TOLERANCE = 0.5
 # A bracket of more than WIDE_STEPS growth steps is wide; wide ones take the shape of the
 # narrow ones, once there are WIDE_NEEDS_NARROW of those, and at least WIDE_SHAPE_JOBS of
@@ -242,20 +234,10 @@ class _Top:
         if self.entries.pop(job, None) is not None:
             self.dirty = True
 
-    def floor(self, exclude: Hashable | None, growth: float) -> float | None:
-        """The age before which no job of the kind is looked at again (``exclude`` aside).
-
-        One growth step past the COHORT-th highest value while the looks come together; once
-        they are staggered (each a COHORT-th of a step after the one before), a COHORT-th of
-        a step past the latest, and they stay staggered: the k-th highest value moved on by
-        k COHORT-ths of a step, whichever is latest. One look past a bunch starts it. Never
-        more than COHORT_HOLD steps past the COHORT-th highest.
-        """
+    def floor(self, exclude: Hashable | None) -> float | None:
+        """The COHORT-th highest value among jobs other than ``exclude``."""
         values = sorted((v for job, v in self.entries.items() if job != exclude), reverse=True)
-        if len(values) < COHORT:
-            return None
-        staggered = max(value * math.pow(growth, (k + 1) / COHORT) for k, value in enumerate(values[:COHORT]))
-        return min(staggered, values[COHORT - 1] * math.pow(growth, COHORT_HOLD))
+        return values[COHORT - 1] if len(values) >= COHORT else None
 
 
 class _History:
@@ -294,12 +276,12 @@ class _History:
                 top.drop(job)
         return entry
 
-    def cold_floor(self, ratio: bool, exclude: Hashable | None, growth: float) -> float | None:
-        """The cohort's next look, from the oldest evidence (see ``_Top.floor``)."""
+    def cold_floor(self, ratio: bool, exclude: Hashable | None) -> float | None:
+        """One growth step is added by the caller; this is the COHORT-th oldest evidence."""
         top = self.tops[ratio]
         if top.dirty:
             self._rebuild(ratio)
-        return top.floor(exclude, growth)
+        return top.floor(exclude)
 
     def _rebuild(self, ratio: bool) -> None:
         top = self.tops[ratio] = _Top()
@@ -446,15 +428,13 @@ class PollPlanner:
             # Asked again with the same last poll, the job's timer has fired at the age planned
             # (or later: a busy loop runs timers late). Moved on by less than a fraction of a
             # step, it polls now rather than sleep so briefly that it may be past it already.
-            # (Fractions of a look's step: the looks are a COHORT-th of a growth step apart.)
-            tolerance = settings.growth * IN_FLIGHT_TOLERANCE / COHORT
-            if entry.planned < age < entry.planned * (1 + tolerance):
+            if entry.planned < age < entry.planned * (1 + settings.growth * IN_FLIGHT_TOLERANCE):
                 age = entry.planned
             now = max(self._clock() - entry.accepted, entry.planned)
             entry.planned = age
             # The planner's clock may run a round trip behind the follower's: a job due within
             # a fraction of a step is taken as polled now (at worst it is, that much later).
-            if age <= now + max(SLACK, age * tolerance):
+            if age <= now + max(SLACK, age * settings.growth * IN_FLIGHT_TOLERANCE):
                 history.see(found, entry, age)  # polled now: the others need not look this step
         return age
 
@@ -476,9 +456,9 @@ class PollPlanner:
         if usable is not None:
             bounds.append(ESTIMATE_LOW_FACTOR * usable * (1 + settings.growth))
         if history is not None:
-            floor = history.cold_floor(usable is not None, job, 1 + settings.growth)
+            floor = history.cold_floor(usable is not None, job)
             if floor is not None:
-                bounds.append(floor * (usable or 1.0))
+                bounds.append(floor * (usable or 1.0) * (1 + settings.growth))
         return max(bounds) if bounds else None
 
 

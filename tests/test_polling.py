@@ -7,7 +7,6 @@ against the emulator, counting the polls the server received.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 
@@ -17,7 +16,6 @@ from image_gen_async import PollSettings
 from image_gen_async._polling import (
     CENSORED_REACH,
     COHORT,
-    COHORT_HOLD,
     FIRST_STEP_STRETCH,
     WIDE_STEPS,
     PollPlanner,
@@ -143,67 +141,29 @@ def test_a_job_far_off_its_estimate_teaches_seconds_not_ratios() -> None:
     assert planner.upper_bound(KEY, 52.0) == pytest.approx(28 * 1.1 * 1.04)
 
 
-COLD_SETTINGS = PollSettings(first_poll=1.0, min_interval=0.001)
-
-
-def _cold_looks(
-    planner: PollPlanner, jobs: list[str], now: list[float], until: float
-) -> tuple[list[float], dict[str, float]]:
-    """Drive ``jobs`` (accepted together at 0, first polled at 1.0) as their timers would, to
-    age ``until``: each sleeps to its planned age, plans again, and polls if due. The looks'
-    ages, and each job's last."""
-    settings = COLD_SETTINGS
+def test_cold_jobs_share_their_polls() -> None:
+    # 20 jobs accepted together at 0, nothing known: after their first poll, COHORT (5) look
+    # per step and the rest are told to sleep on, until something completes.
+    now = [1.0]
+    planner = PollPlanner(clock=lambda: now[0])
+    settings = PollSettings(first_poll=1.0, min_interval=0.001)
+    jobs = [f"job{i}" for i in range(20)]
     # (Each job's last poll age tells it apart, as the follower's own clock readings do.)
     last = {job: 1.0 + i * 1e-9 for i, job in enumerate(jobs)}
     for job in jobs:
         planner.running(KEY, job, last[job], None)  # every first poll said running
-    due = {job: planner.next_poll_age(KEY, None, last[job], settings) for job in jobs}
-    looks = []
-    while min(due.values()) < until:
-        job = min(due, key=due.__getitem__)
-        now[0] = max(now[0], due[job])
-        age = planner.next_poll_age(KEY, None, last[job], settings)
-        if age <= now[0]:  # due: it polls, and the answer says running
-            last[job] = now[0]
-            looks.append(now[0])
-            planner.running(KEY, job, now[0], None)
-            age = planner.next_poll_age(KEY, None, now[0], settings)
-        due[job] = age
-    return looks, last
-
-
-def test_cold_jobs_share_their_polls_in_staggered_looks() -> None:
-    # 20 jobs accepted together, nothing known: after their first poll, COHORT (5) look per
-    # growth step for all of them, each a fifth of a step after the one before (not 5 at
-    # once), and the rest sleep on, until something completes.
-    now = [1.0]
-    planner = PollPlanner(clock=lambda: now[0])
-    jobs = [f"job{i}" for i in range(20)]
-    looks, last = _cold_looks(planner, jobs, now, 1.08**6)
-    assert 5 * COHORT - 1 <= len(looks) <= 5 * COHORT + 2
-    fifth = 1.08 ** (1 / COHORT)
-    later = [look for look in looks if look > 1.08**2]  # once the first bunch has spread
-    gaps = [b / a for a, b in itertools.pairwise(later)]
-    assert all(fifth**0.75 < gap < fifth**1.25 for gap in gaps), gaps
-    # A completion makes it warm: every job that slept (most of them) is free to look now.
-    planner.completed(KEY, jobs[0], last[jobs[0]], now[0] * 1.01, None)
-    slept = [job for job in jobs[1:] if last[job] < now[0] / 1.08]
-    assert len(slept) >= len(jobs) - 2 * COHORT
-    assert all(planner.next_poll_age(KEY, None, last[job], COLD_SETTINGS) <= now[0] for job in slept)
-
-
-def test_one_job_far_older_holds_the_cold_looks_one_step_at_most() -> None:
-    # The cohort's oldest evidence staggers the looks; a job stuck far older than the others
-    # (queued ten times as long) must not hold them back more than COHORT_HOLD steps past
-    # the COHORT-th oldest.
-    now = [1.0]
-    planner = PollPlanner(clock=lambda: now[0])
-    planner.running(KEY, "stuck", 10.0, None)
-    jobs = [f"job{i}" for i in range(20)]
-    looks, _ = _cold_looks(planner, jobs, now, 1.08**6)
-    steps = [b / a for a, b in itertools.pairwise(looks)]
-    assert max(steps) <= 1.08**COHORT_HOLD * 1.001
-    assert len(looks) >= 6 * (COHORT - 1) / COHORT_HOLD
+    for step in range(5):
+        now[0] = max(last.values()) * 1.08
+        polled = [job for job in jobs if planner.next_poll_age(KEY, None, last[job], settings) <= now[0]]
+        assert len(polled) == COHORT, step
+        for i, job in enumerate(polled):
+            last[job] = now[0] + i * 1e-9
+            planner.running(KEY, job, last[job], None)
+    # A completion makes it warm: every job that slept is free to look now.
+    planner.completed(KEY, jobs[0], last[jobs[0]], now[0], None)
+    slept = [job for job in jobs if last[job] < now[0] / 1.08]
+    assert len(slept) == 20 - COHORT
+    assert all(planner.next_poll_age(KEY, None, last[job], settings) <= now[0] for job in slept)
 
 
 async def test_generate_then_submit_polls_by_the_seconds_learned(make_session: SessionFactory) -> None:
@@ -274,10 +234,9 @@ async def test_a_burst_with_nothing_known_shares_its_polls(make_session: Session
 
 async def test_the_first_completion_wakes_the_jobs_asleep_on_the_others(make_session: SessionFactory) -> None:
     # 20 dh3 jobs of exactly 0.3 s gathered at once; each step doubles the age (0.05, 0.1,
-    # 0.2, 0.4 ...). A few look for all, and tell the others to sleep on, a step past their
-    # looks. The first job seen done wakes the sleepers: they are seen done together, not
-    # a whole step (0.4 s) apart. (A looker whose poll was on its way keeps its own
-    # schedule: its next poll, a step later.)
+    # 0.2, 0.4 ...). A few look for all: the one step that sees jobs done (0.4) also tells
+    # the others to sleep on, to 0.8. The first job seen done wakes them: all are seen done
+    # together, not one whole step (0.4 s) apart.
     config = EmulatorConfig(duration=0.3, duration_spread=0.0, dh3_qps=None, api_keys=dict(KEYS))
     async with Emulator(config) as emulator:
         session = make_session(
@@ -291,8 +250,7 @@ async def test_the_first_completion_wakes_the_jobs_asleep_on_the_others(make_ses
         for handle in handles:
             handle.add_done_callback(lambda _: done.append(time.monotonic()))
         await asyncio.gather(*handles)
-        together = [at for at in done if at - min(done) < 0.2]
-        assert len(together) >= len(handles) - COHORT
+        assert max(done) - min(done) < 0.2
         # And the few looked for all: far fewer polls than 20 jobs x 4 steps each.
         assert emulator.stats.polls["dh3"] < 20 * 3
 

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from image_gen_async import AsyncSession, Limiter, LocalBackend, PollSettings, RateLimiter, TaskStatus
-from image_gen_async._polling import COHORT_HOLD, FIRST_STEP_STRETCH, PollPlanner
+from image_gen_async._polling import FIRST_STEP_STRETCH, PollPlanner
 from image_gen_async._ratelimit import Ticket
 from image_gen_async.testing import Emulator, EmulatorConfig, EmulatorProcess
 
@@ -96,17 +96,13 @@ def test_poll_plan_from_nothing_estimates_and_running_jobs() -> None:
     # An estimate may be 2x too high: start just before half of it.
     assert planner.next_poll_age(key, 52.0, None, settings) == pytest.approx(52 * 0.45 * 1.08)
     # Nothing done yet and five jobs seen running at 20 s or more: the others need not look
-    # before one step past 20 s (those five look for them), nor, to stagger the looks, before
-    # a fifth of a step past the oldest (24 s): held to COHORT_HOLD steps past 20 s.
+    # before one step past 20 s (those five look for them).
     for job, age in enumerate([20.0, 21.0, 22.0, 23.0, 24.0, 3.0]):
         planner.running(key, job, age, None)
-    held = 20 * 1.08**COHORT_HOLD
-    assert 20 * 1.08 < held < 24 * 1.08**0.2
-    assert planner.lower_bound(key, None) == pytest.approx(held)
-    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(held)  # moved on
+    assert planner.lower_bound(key, None) == pytest.approx(20 * 1.08)
+    assert planner.next_poll_age(key, None, 5.0, settings) == pytest.approx(20 * 1.08)  # moved on
     planner.forget(key, 0)
-    # The 5th oldest is now 3 s: no later than COHORT_HOLD steps past it.
-    assert planner.lower_bound(key, None) == pytest.approx(3 * 1.08**COHORT_HOLD)
+    assert planner.lower_bound(key, None) == pytest.approx(3 * 1.08)  # the 5th oldest is now 3 s
 
 
 def test_poll_plan_learns_the_low_tail_from_brackets() -> None:
