@@ -1,7 +1,9 @@
 """The planner driven the way the poll follower drives it, on a simulated clock (no sockets).
 
 Each job plans its next poll's age, sleeps until then and plans again (other jobs may have
-moved it on), polls, and reports what it saw; a poll takes ``RTT``. Runs in milliseconds,
+moved it on), polls, and reports what it saw; a poll takes ``RTT``, and the client sends
+them one at a time, ``SEND_COST`` each (the fifty woken at a burst's first completion go
+out over some 30 ms, as they do against the emulator). Runs in milliseconds,
 so the schedule's figures (polls per job, detection lag) can be pinned as a table here;
 the benchmark (``python -m benchmarks polling``) measures the same against the emulator.
 """
@@ -22,6 +24,7 @@ from image_gen_async._polling import SLACK, PollPlanner, PollSettings
 
 SETTINGS = PollSettings().scaled(1 / 27)  # a 27 s job takes 1 s, as in the benchmark
 RTT = 0.002
+SEND_COST = 0.0006
 LATE = 0.003
 KEY = ("sim", "model")
 
@@ -52,6 +55,7 @@ class Sim:
     events: list[tuple[float, int, str, Job, int]] = attrs.Factory(list)
     seq: int = 0
     asleep: dict[Job, None] = attrs.Factory(dict)  # in the order they fell asleep
+    sending_until: float = 0.0  # the client is busy sending polls until then
 
     def at(self, when: float, kind: str, job: Job) -> None:
         self.seq += 1
@@ -66,8 +70,10 @@ class Sim:
             self.asleep[job] = None
         else:
             self.asleep.pop(job, None)
-            job.last_poll = self.now - job.accepted
-            self.at(self.now + self.rng.uniform(RTT / 2, 2 * RTT), "answer", job)
+            sent = max(self.now, self.sending_until)
+            self.sending_until = sent + SEND_COST
+            job.last_poll = sent - job.accepted
+            self.at(sent + self.rng.uniform(RTT / 2, 2 * RTT), "answer", job)
 
     def answer(self, job: Job) -> None:
         job.polls += 1
