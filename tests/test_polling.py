@@ -186,6 +186,7 @@ async def test_generate_then_submit_polls_by_the_seconds_learned(make_session: S
         assert emulator.stats.polls["get3w"] - polls_before == handle.polls <= 3
 
 
+@pytest.mark.alone
 async def test_bad_estimates_leave_no_job_unpolled(make_session: SessionFactory) -> None:
     config = EmulatorConfig(duration=0.1, api_keys=dict(KEYS))
     async with Emulator(config) as emulator:

@@ -155,6 +155,7 @@ async def test_review_a_403_about_one_model_stops_every_model_of_the_key(
     assert sent == ["nano-banana-pro", NB_MODEL]
 
 
+@pytest.mark.alone
 async def test_review_one_transient_503_caps_an_uncapped_provider_for_the_session(
     make_session: SessionFactory,
 ) -> None:

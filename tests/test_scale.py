@@ -156,6 +156,7 @@ def test_poll_plan_warm_stretches_only_the_first_step() -> None:
     assert planner.next_poll_age(key, None, 30.0, settings) == pytest.approx(30.0 * 1.08)
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("bias", [0.5, 1.0, 2.0])
 async def test_polling_seeded_from_estimate_stays_cheap(make_session: SessionFactory, bias: float) -> None:
     # Jobs of 0.1 s: what is asserted is at most so many polls, which a slow loop only lowers.
