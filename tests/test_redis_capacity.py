@@ -453,9 +453,10 @@ async def test_three_processes_learn_and_share_one_keys_cap(
     capped: tuple[CappedServer, str], redis_url: str, namespace: str
 ) -> None:
     server, url = capped
-    # The learning costs a few refusals once: enough jobs to see the steady rate (400 in all,
-    # as with four processes; the bound below is a share of them).
-    jobs = 134
+    # The learning costs refusals: a few at the start, then one now and then as the window
+    # probes for more (2-4 % of creates in all). The bound below is a share of them: 600 in
+    # all, so one run's share is not off by more than its margin (with 400, 1 run in 8 was).
+    jobs = 200
     reports = await run_workers(url, redis_url, namespace, jobs)
     total = WORKERS * jobs
     assert sum(report["jobs"] for report in reports) == total  # every job completed (asserted ok in each)
