@@ -281,6 +281,7 @@ def test_a_first_polls_bracket_is_not_wide_and_plans_at_another_growth_do_not_mo
     growth = PollSettings().growth
     first_poll = (1 + growth) ** CENSORED_REACH * (1 + growth * FIRST_STEP_STRETCH)
     assert first_poll < (1 + growth) ** WIDE_STEPS
+
     # The brackets' widths are judged at the session's growth, whatever growth a plan comes
     # with (half of it while creates wait for capacity): the bound is the same either way.
     def taught(keen: bool) -> float | None:
