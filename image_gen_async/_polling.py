@@ -18,11 +18,9 @@ it for that job's plan and teaches no ratio; nor does one whose job took more th
 ``max(first_poll, 10 x max_interval)`` (5 min at the defaults) unless jobs of the model have
 been seen taking longer. One job's estimate is that job's: it cannot move the others' plans.
 
-- Warm (jobs of this provider+model have completed): start at a low quantile of the
-  durations of the ``history`` jobs accepted last (by when they were accepted, not done: a
-  burst is done quickest first, and its slow part alone would be left of it). Each
-  completed job tells us its duration lies between its last poll that saw it running and
-  the one that saw it done; a job done at its first poll was not
+- Warm (jobs of this provider+model have completed): start at a low quantile of their
+  durations. Each completed job tells us its duration lies between its last poll that
+  saw it running and the one that saw it done; a job done at its first poll was not
   polled earlier because the bound said it would not be done, so it is placed a little
   below that bound (``CENSORED_REACH``). A bracket of many steps (a job that slept on the
   others' polls until it was woken) is spread the way the narrow ones are over its span,
@@ -49,7 +47,8 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable
 
 import attrs
 
@@ -164,26 +163,17 @@ def first_poll_cap(settings: PollSettings, longest_seen: float | None) -> float:
 class _Durations:
     """Completed jobs of one provider+model in one unit (seconds, or multiples of the estimate)."""
 
-    __slots__ = ("_accepted", "_size", "_upper", "added", "brackets", "cached", "stale")
+    __slots__ = ("_upper", "added", "brackets", "cached", "stale")
 
     def __init__(self, size: int) -> None:
-        self._size = size
-        # The brackets in the order their jobs were accepted, and when that was: the oldest
-        # accepted leave first. (Oldest completed first would keep the slow part of a burst
-        # whose quick part left: the bound would creep up.)
-        self.brackets: list[tuple[float, float]] = []
-        self._accepted: list[float] = []
+        self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
         self.cached: float | None = None  # the warm lower bound last worked out
         self.stale = False
         self.added = 0  # completions since it was worked out
         self._upper: float | None = None  # the longest seen done, worked out when asked
 
-    def add(self, low: float, high: float, accepted: float) -> None:
-        at = bisect.bisect_right(self._accepted, accepted)
-        self._accepted.insert(at, accepted)
-        self.brackets.insert(at, (low, high))
-        if len(self.brackets) > self._size:
-            del self._accepted[0], self.brackets[0]
+    def add(self, low: float, high: float) -> None:
+        self.brackets.append((low, high))
         self.added += 1
         self._upper = None
         # Working it out reads every bracket: with many, one more moves it little.
@@ -360,8 +350,7 @@ class PollPlanner:
         done = max(0.0, done)
         last_running = min(max(0.0, last_running), done)
         history = self._of(key)
-        entry = history.drop(job)
-        accepted = entry.accepted if entry is not None else self._clock() - done
+        history.drop(job)
         usable, as_given = clean_estimate(estimate, self._settings)
         if last_running <= 0:
             # Done at its first poll, which the warm bound planned: see CENSORED_REACH.
@@ -369,8 +358,8 @@ class PollPlanner:
             if bound is not None:
                 last_running = min(done, bound / (1 + self._settings.growth) ** CENSORED_REACH)
         if usable is not None and as_given and 1 / RATIO_SPAN <= done / usable <= RATIO_SPAN:
-            history.ratios.add(last_running / usable, done / usable, accepted)
-        history.seconds.add(last_running, done, accepted)
+            history.ratios.add(last_running / usable, done / usable)
+        history.seconds.add(last_running, done)
 
     def forget(self, key: Key, job: Hashable) -> None:
         """``job`` ended some other way (failed, cancelled): it no longer says anything."""
@@ -490,7 +479,7 @@ def _planned_lower(history: _History, usable: float | None) -> float | None:
     return history.seconds.planned_with()
 
 
-def _warm_lower(brackets: Sequence[tuple[float, float]], growth: float) -> float:
+def _warm_lower(brackets: deque[tuple[float, float]], growth: float) -> float:
     """The 3rd percentile of the durations the brackets describe (see the module docstring)."""
     censored = [done for running, done in brackets if running <= 0]
     seen = [(running, done) for running, done in brackets if running > 0]

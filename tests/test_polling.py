@@ -296,27 +296,3 @@ def test_a_first_polls_bracket_is_not_wide_and_plans_at_another_growth_do_not_mo
         return planner.lower_bound(KEY, None)
 
     assert taught(keen=True) == pytest.approx(taught(keen=False))
-
-
-def test_a_burst_whose_quick_half_is_done_first_does_not_leave_its_slow_half_behind() -> None:
-    # History of 48; bursts of 32 jobs of 1.0-1.155 s, accepted a millisecond apart, every
-    # other one (by duration) in the first half: each burst is done quickest first. Kept by when
-    # they were done, the later bursts' plans would see the one before whole and the slowest
-    # half of the one before that (the bound would creep up, burst after burst); kept by when
-    # they were accepted, the history stays a fair sample and the bound stays where one
-    # burst puts it.
-    now = [0.0]
-    planner = PollPlanner(history=48, clock=lambda: now[0])
-    durations = [1.0 + 0.005 * i for i in range(32)]
-
-    def burst(start: float) -> float | None:
-        accepted = {i: start + 0.001 * (i % 2 * 16 + i // 2) for i in range(32)}
-        for i in sorted(range(32), key=lambda i: accepted[i] + durations[i]):
-            now[0] = accepted[i] + durations[i]
-            planner.completed(KEY, (start, i), durations[i] * 0.999, durations[i], None)
-        return planner.lower_bound(KEY, None)
-
-    one = burst(0.0)
-    assert one is not None
-    for start in (10.0, 20.0, 30.0):
-        assert burst(start) == pytest.approx(one, rel=0.005)
