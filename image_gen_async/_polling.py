@@ -19,18 +19,19 @@ it for that job's plan and teaches no ratio; nor does one whose job took more th
 been seen taking longer. One job's estimate is that job's: it cannot move the others' plans.
 
 - Warm (jobs of this provider+model have completed): start at a low quantile of their
-  durations. Each completed job tells us its duration lies between its last poll that
-  saw it running and the one that saw it done; a job done at its first poll was not
-  polled earlier because the bound said it would not be done, so it is placed a little
-  below that bound (``CENSORED_REACH``). A bracket of many steps (a job that slept on the
-  others' polls until it was woken) is spread the way the narrow ones are over its span,
-  not evenly: a burst's sleepers would otherwise drag the bound down for the bursts after
-  it. From these brackets the median and the 97th percentile are read off an
-  interpolated distribution, and the 3rd percentile is taken as their mirror image in
-  log space (``median**2 / q97``): the lower tail is the part a good schedule never
-  observes. While few jobs are done the mirror can land high, so it
-  stays a little under the quickest job seen done. The first poll comes a little more
-  than one growth step after it (``FIRST_STEP_STRETCH``).
+  durations (the last ``history`` accepted of those whose peers are all done, or the last
+  ``history`` done: see ``_Durations``). Each completed job tells us its duration lies
+  between its last poll that saw it running and the one that saw it done; a job done at
+  its first poll was not polled earlier because the bound said it would not be done, so it
+  is placed a little below that bound (``CENSORED_REACH``). A bracket of many steps (a job
+  that slept on the others' polls until it was woken) is spread the way the narrow ones
+  are over its span, not evenly: a burst's sleepers would otherwise drag the bound down
+  for the bursts after it. From these brackets the median and the 97th percentile are read
+  off an interpolated distribution, and the 3rd percentile is taken as their mirror image
+  in log space (``median**2 / q97``): the lower tail is the part a good schedule never
+  observes. While few jobs are done the mirror can land high, so it stays a little under
+  the quickest job seen done. The first poll comes a little more than one growth step
+  after it (``FIRST_STEP_STRETCH``).
 - Cold, with jobs in flight: the jobs of a model share their polls. No job is expected to
   end before one growth step past the ``COHORT``-th oldest age another job of its kind was
   seen running at (or is being polled at right now): until something completes, a few
@@ -48,7 +49,7 @@ import bisect
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import attrs
 
@@ -84,6 +85,10 @@ FIRST_STEP_STRETCH = 1.4
 # quickest seen done (about half a step).
 FEW_DONE = 32
 QUICKEST_MARGIN = 1.04
+# Completed jobs kept by when they were accepted, as a multiple of the history size; the warm
+# bound reads the settled ones once there are this share of the history size (see _Durations).
+SETTLED_FACTOR = 4
+SETTLED_SHARE = 0.5
 # Past FEW_DONE, the warm bound is worked out again every LOWER_REFRESH completions.
 LOWER_REFRESH = 8
 # A job waiting on a webhook is polled once it is this much later than the longest expected.
@@ -161,30 +166,74 @@ def first_poll_cap(settings: PollSettings, longest_seen: float | None) -> float:
 
 
 class _Durations:
-    """Completed jobs of one provider+model in one unit (seconds, or multiples of the estimate)."""
+    """Completed jobs of one provider+model in one unit (seconds, or multiples of the estimate).
 
-    __slots__ = ("_upper", "added", "brackets", "cached", "stale")
+    Kept two ways. ``brackets``, the last ``size`` done, is a fair sample while jobs come at
+    a steady rate: the slow jobs left of the oldest accepted (their quick peers have gone)
+    stand for the slow ones of the newest, still running. After a burst nothing is running
+    to balance them, and the bound would creep up burst after burst. So the jobs are also
+    kept by when they were accepted (up to SETTLED_FACTOR x ``size``; when the oldest leaves,
+    so do its peers done later). Those accepted before the oldest job still running are
+    settled, none of their peers missing either way: the bound reads the ``size`` latest of
+    them when there are enough, else the last done (see ``sample``).
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_by_accepted",
+        "_left",
+        "_size",
+        "_upper",
+        "added",
+        "brackets",
+        "cached",
+        "stale",
+    )
 
     def __init__(self, size: int) -> None:
+        self._size = size
         self.brackets: deque[tuple[float, float]] = deque(maxlen=size)
+        self._by_accepted: list[tuple[float, float]] = []
+        self._accepted: list[float] = []  # when each of _by_accepted was accepted, in order
+        self._left = -math.inf  # jobs accepted by then have left _by_accepted
         self.cached: float | None = None  # the warm lower bound last worked out
         self.stale = False
         self.added = 0  # completions since it was worked out
         self._upper: float | None = None  # the longest seen done, worked out when asked
 
-    def add(self, low: float, high: float) -> None:
+    def add(self, low: float, high: float, accepted: float) -> None:
         self.brackets.append((low, high))
+        if accepted > self._left:
+            at = bisect.bisect_right(self._accepted, accepted)
+            self._accepted.insert(at, accepted)
+            self._by_accepted.insert(at, (low, high))
+            if len(self._accepted) > SETTLED_FACTOR * self._size:
+                self._left = self._accepted[0]
+                del self._accepted[0], self._by_accepted[0]
         self.added += 1
         self._upper = None
         # Working it out reads every bracket: with many, one more moves it little.
         if len(self.brackets) < FEW_DONE or self.added >= LOWER_REFRESH:
             self.stale = True
 
-    def lower(self, growth: float) -> float:
-        """The warm lower bound, worked out again (lazily: when a plan needs it) if stale."""
+    def lower(self, growth: float, running_since: Callable[[], float]) -> float:
+        """The warm lower bound, worked out again (lazily: when a plan needs it) if stale.
+
+        ``running_since``: when the oldest job still running was accepted (inf: none, -inf:
+        not known; see ``_History.running_since``).
+        """
         if self.cached is None or self.stale:
-            self.cached, self.added, self.stale = _warm_lower(self.brackets, growth), 0, False
+            self.cached, self.added, self.stale = _warm_lower(self.sample(running_since()), growth), 0, False
         return self.cached
+
+    def sample(self, running_since: float) -> Sequence[tuple[float, float]]:
+        """The ``size`` latest settled jobs (accepted before ``running_since``) if there are
+        SETTLED_SHARE x ``size`` of them, else the last ``size`` done (with many jobs in
+        flight, their oldest is older than every job kept by acceptance)."""
+        settled = bisect.bisect_left(self._accepted, running_since)
+        if settled < SETTLED_SHARE * self._size:
+            return self.brackets
+        return self._by_accepted[max(0, settled - self._size) : settled]
 
     def planned_with(self) -> float | None:
         """The bound the latest plans used (None: none yet), without working it out again."""
@@ -243,9 +292,12 @@ class _Top:
 class _History:
     """One provider+model: completed jobs in both units, and the jobs still running."""
 
-    __slots__ = ("by_poll", "ratios", "running", "seconds", "tops")
+    __slots__ = ("by_poll", "done", "exact_at", "ratios", "running", "seconds", "size", "tops")
 
     def __init__(self, size: int) -> None:
+        self.size = size
+        self.done = 0  # completions seen
+        self.exact_at = -size  # the latest done by callback or sync answer, counted in completions
         self.seconds = _Durations(size)
         self.ratios = _Durations(size)
         self.running: dict[Hashable, _Running] = {}
@@ -275,6 +327,17 @@ class _History:
             for top in self.tops:
                 top.drop(job)
         return entry
+
+    def running_since(self) -> float:
+        """When the oldest job still running was accepted; inf if none, -inf if not known.
+
+        Known from the jobs seen running (polled), unless there are so many that some were
+        let go (RUNNING_FACTOR), or jobs that are never polled (callbacks, sync answers) are
+        among the last ``size`` done: jobs of theirs may be running unseen.
+        """
+        if len(self.running) >= RUNNING_FACTOR * self.size or self.done - self.exact_at < self.size:
+            return -math.inf
+        return min((entry.accepted for entry in self.running.values()), default=math.inf)
 
     def cold_floor(self, ratio: bool, exclude: Hashable | None) -> float | None:
         """One growth step is added by the caller; this is the COHORT-th oldest evidence."""
@@ -350,7 +413,12 @@ class PollPlanner:
         done = max(0.0, done)
         last_running = min(max(0.0, last_running), done)
         history = self._of(key)
-        history.drop(job)
+        entry = history.drop(job)
+        history.done += 1
+        if 0 < last_running == done:
+            history.exact_at = history.done
+        # When it was accepted: from its running entry, else from its age now (see _age_now).
+        accepted = entry.accepted if entry is not None else self._clock() - _age_now(job, done)
         usable, as_given = clean_estimate(estimate, self._settings)
         if last_running <= 0:
             # Done at its first poll, which the warm bound planned: see CENSORED_REACH.
@@ -358,8 +426,8 @@ class PollPlanner:
             if bound is not None:
                 last_running = min(done, bound / (1 + self._settings.growth) ** CENSORED_REACH)
         if usable is not None and as_given and 1 / RATIO_SPAN <= done / usable <= RATIO_SPAN:
-            history.ratios.add(last_running / usable, done / usable)
-        history.seconds.add(last_running, done)
+            history.ratios.add(last_running / usable, done / usable, accepted)
+        history.seconds.add(last_running, done, accepted)
 
     def forget(self, key: Key, job: Hashable) -> None:
         """``job`` ended some other way (failed, cancelled): it no longer says anything."""
@@ -443,9 +511,9 @@ class PollPlanner:
         if history is None:
             return None
         if usable is not None and history.ratios.brackets:
-            return history.ratios.lower(self._growth) * usable
+            return history.ratios.lower(self._growth, history.running_since) * usable
         if history.seconds.brackets:
-            return history.seconds.lower(self._growth)
+            return history.seconds.lower(self._growth, history.running_since)
         return None
 
     def _cold_lower(
@@ -479,7 +547,7 @@ def _planned_lower(history: _History, usable: float | None) -> float | None:
     return history.seconds.planned_with()
 
 
-def _warm_lower(brackets: deque[tuple[float, float]], growth: float) -> float:
+def _warm_lower(brackets: Sequence[tuple[float, float]], growth: float) -> float:
     """The 3rd percentile of the durations the brackets describe (see the module docstring)."""
     censored = [done for running, done in brackets if running <= 0]
     seen = [(running, done) for running, done in brackets if running > 0]
