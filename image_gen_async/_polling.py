@@ -202,14 +202,18 @@ class _Durations:
         self._upper: float | None = None  # the longest seen done, worked out when asked
 
     def add(self, low: float, high: float, accepted: float) -> None:
-        self.brackets.append((low, high))
+        bracket = (low, high)
+        self.brackets.append(bracket)
         if accepted > self._left:
             at = bisect.bisect_right(self._accepted, accepted)
             self._accepted.insert(at, accepted)
-            self._by_accepted.insert(at, (low, high))
+            self._by_accepted.insert(at, bracket)
             if len(self._accepted) > SETTLED_FACTOR * self._size:
+                # The oldest leave with every job accepted at the same time (a coarse clock):
+                # what stays of a group is never its slow part.
                 self._left = self._accepted[0]
-                del self._accepted[0], self._by_accepted[0]
+                gone = bisect.bisect_right(self._accepted, self._left)
+                del self._accepted[:gone], self._by_accepted[:gone]
         self.added += 1
         self._upper = None
         # Working it out reads every bracket: with many, one more moves it little.
@@ -228,12 +232,16 @@ class _Durations:
 
     def sample(self, running_since: float) -> Sequence[tuple[float, float]]:
         """The ``size`` latest settled jobs (accepted before ``running_since``) if there are
-        SETTLED_SHARE x ``size`` of them, else the last ``size`` done (with many jobs in
-        flight, their oldest is older than every job kept by acceptance)."""
-        settled = bisect.bisect_left(self._accepted, running_since)
-        if settled < SETTLED_SHARE * self._size:
+        SETTLED_SHARE x ``size`` of them, else the last ``size`` done: with many jobs in
+        flight, their oldest is older than every job kept by acceptance; and once ``size``
+        jobs accepted after it are done (a job stuck for an hour), the settled ones are stale."""
+        accepted = self._accepted
+        settled = bisect.bisect_left(accepted, running_since)
+        if settled < SETTLED_SHARE * self._size or len(accepted) - settled > self._size:
             return self.brackets
-        return self._by_accepted[max(0, settled - self._size) : settled]
+        # A group accepted at the same time is read whole, never its later-done part alone.
+        first = bisect.bisect_left(accepted, accepted[max(0, settled - self._size)])
+        return self._by_accepted[first:settled]
 
     def planned_with(self) -> float | None:
         """The bound the latest plans used (None: none yet), without working it out again."""
