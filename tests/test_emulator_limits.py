@@ -624,9 +624,23 @@ async def test_emulator_process_runs_another_module_that_serves_the_same_way(
     # The polling benchmark's emulator: the same APIs, and a route that says when each
     # task ends and when its latest poll arrived (on the clock this process shares).
     # (The child finds ``benchmarks`` from the checkout, wherever pytest was started.)
+    # Its seed draws the jobs' durations: the child's first job takes what seed 3's does here.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(CHECKOUT)
+    from benchmarks.polling import emulator_config
+
+    first_durations = []
+    for seed in (0, 3):
+        async with (
+            Emulator(emulator_config(None, seed)) as alike,
+            AsyncSession(
+                api_keys={"dh3": KEY_A}, base_urls={"dh3": alike.url}, rate_limits={"dh3": None}
+            ) as session,
+        ):
+            task_id = (await session.dh3.submit(EXAMPLE_MODELS["dh3"], prompt="a red fox")).task_id
+            first_durations.append(alike.tasks[task_id].duration)
     async with (
-        EmulatorProcess("none", module="benchmarks._pollserver") as process,
+        EmulatorProcess("none", "--seed", "3", module="benchmarks._pollserver") as process,
         AsyncSession(
             api_keys={"dh3": KEY_A},
             base_urls={"dh3": process.url},
@@ -641,4 +655,5 @@ async def test_emulator_process_runs_another_module_that_serves_the_same_way(
             tasks = await answer.json()
     finish_at, duration, last_poll = tasks[handle.task_id]
     assert duration == pytest.approx(1.0, abs=0.1)  # the benchmark's jobs: 1 s +- 10 %
+    assert duration == first_durations[1] != first_durations[0]
     assert finish_at <= last_poll <= seen_done
