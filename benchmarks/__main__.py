@@ -67,11 +67,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the benchmarks.")
     parser.add_argument("sections", nargs="*", metavar="section", help=f"any of {', '.join(SECTIONS)}")
     parser.add_argument(
-        "--seed", type=int, default=0, help="the polling emulator's seed (its jobs' durations); RESULTS.md: 0"
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the polling section's job durations (other sections ignore it); "
+        "RESULTS.md is written only by a full run at seed 0",
     )
     args = parser.parse_args()
     chosen = args.sections or list(SECTIONS)
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
-        sys.exit(f"unknown section(s): {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"unknown section(s): {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     sys.exit(asyncio.run(main(chosen, args.seed)))

@@ -13,11 +13,12 @@ scaled and CPU time is not. Detection lag is measured there: from a job's end to
 arrival of the poll that found it done. The lag as the caller saw it (its done callback:
 the answer's way back and its handling in our loop) is shown next to it.
 
-The baselines are hand-written aiohttp loops: the seeds' own (poll every 3 s), one told
+The baselines are hand-written aiohttp loops: the provider documents' own (poll every 3 s), one told
 the durations' spread exactly (``known_spread``), which shows where the targets sit: what a
-schedule that had nothing left to learn reaches here; and, for bursts, one told the exact
-duration of every job done so far (``learned_exactly``), which shows what learning from the
-jobs before can reach at best: a burst of 50 is a small sample of the spread.
+schedule with nothing left to learn reaches here; and, for bursts, one told the exact
+duration of every job done so far (``LearnedExactly``), a reference point for learning from
+the jobs before, with none of the library's blind spots: a burst of 50 is a small sample of
+the spread.
 
 The emulator's seed (``--seed``) draws the jobs' durations; the table is seed 0's.
 """
@@ -197,14 +198,15 @@ Schedule = Callable[[int, float], float]
 
 
 def every(interval: float) -> Schedule:
-    """The seeds' own loop: poll at once, then sleep ``interval`` after each answer."""
+    """The provider documents' own loop: poll at once, then sleep ``interval`` after each answer."""
     return lambda polls, age: 0.0 if polls == 0 else interval
 
 
 def known_spread() -> Schedule:
     """A poller told the durations' spread exactly (what no client is told): its first poll is
     where the 5th-percentile job is seen KNOWN_LAG late, then each comes the library's growth
-    step later. What a learning schedule can at best reach on this machine, round trips and all."""
+    step later. A reference point: a schedule with the spread's own first poll, round trips and
+    all (one that read the seed's jobs could do better, or worse: see ``LearnedExactly``)."""
     fifth = DURATION * (1 - SPREAD + 2 * SPREAD * 0.05)
     first = fifth * (1 + KNOWN_LAG)
     return ladder(first)
@@ -232,7 +234,8 @@ class LearnedExactly:
 
     def learn(self, tasks: Report) -> None:
         done = sorted(tasks.values(), key=lambda task: task[0] - task[1])[-self.HISTORY :]
-        fifth = statistics.quantiles([duration for _, duration, _ in done], n=20, method="inclusive")[0]
+        # "exclusive": read from a sample, the inclusive method places a low quantile late.
+        fifth = statistics.quantiles([duration for _, duration, _ in done], n=20, method="exclusive")[0]
         self.schedule = ladder(fifth * (1 + KNOWN_LAG))
 
 
