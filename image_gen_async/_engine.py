@@ -347,7 +347,18 @@ class Engine:
                 # the job's end, so while no cap is known it does not wait for the window.
                 slot = gate.occupy()
             else:
-                slot = await gate.admit(deadline, first=again)
+                try:
+                    slot = await gate.admit(deadline, first=again)
+                except AdmissionTimeoutError:
+                    if rate_refusal is not None:
+                        raise rate_refusal from None
+                    if not refusals:
+                        raise
+                    # Creates did go out: each was refused, and none made a task.
+                    raise AdmissionTimeoutError(
+                        f"{target.name}: no capacity within the job's deadline; {refusals} "
+                        "creates were refused for capacity, none made a task"
+                    ) from None
             again = False
             try:
                 snapshot = await retrying(attempt, self.create_budget, deadline=deadline, on_retry=on_retry)

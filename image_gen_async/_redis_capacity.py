@@ -7,7 +7,7 @@ does not matter). Under ``{namespace}:capacity:{account}:{fingerprint}``:
   rules: ``INITIAL_WINDOW``, one more per ``SLOW_START`` accepted creates until the first refusal, a
   refusal shrinks it to what is in flight in every process, or ``activeTasks``; then one
   more per ``GROWTH_PER_WINDOW`` windows of accepted creates), the idle pause (``pause``
-  doubling up to ``max_pause``; a ``Retry-After`` is followed up to ``max_pause``) and a
+  doubling up to ``max_pause``; a longer ``Retry-After`` is followed, up to ``max_pause``) and a
   count of refusals;
 - ``:leases``, a sorted set: one member per slot, scored by its lease's expiry. Each
   process renews the leases it holds every ``lease / 3`` in one script call; a crashed
@@ -175,7 +175,7 @@ for _ = 1, n_refused do
   if ours <= 0 or w <= 0 then
     -- Nothing of ours (any process's) holds the key's capacity: others do. Wait, then try one.
     local p = pause
-    if retry_after >= 0 then p = math.min(retry_after, max_pause) end
+    if retry_after >= 0 then p = math.max(pause, math.min(retry_after, max_pause)) end
     pause = math.min(max_pause, pause * 2)
     paused = math.max(paused, now + p)
     w = 1

@@ -2,8 +2,10 @@
 
 An attempt says "worth another try" by raising ``Retry`` around its failure; anything else
 it raises ends the call at once (cancellation included: it is never caught here). Waits
-are full-jitter exponential (``backoff``'s generators), or the server's ``Retry-After``,
-capped. A wait that would end past the deadline is not taken: the failure is raised now.
+are full-jitter exponential (``backoff``'s generators), or the server's ``Retry-After`` when
+it asks for longer (capped): advice of 0, or any shorter than our own step, does not make
+the next try sooner. A wait that would end past the deadline is not taken: the failure is
+raised now.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ class RetryBudget:
 
 
 def next_wait(waits: Iterator[float], retry_after: float | None, cap: float) -> float:
-    """The wait before the next attempt: the server's advice (capped), else the next jittered step."""
-    if retry_after is not None:
-        return min(retry_after, cap)
-    return backoff.full_jitter(next(waits))
+    """The wait before the next attempt: the next jittered step, or the server's advice
+    (capped) if it is longer. (A server answering ``Retry-After: 0`` to every try would
+    otherwise be asked thousands of times a second; the steps still grow while it does.)"""
+    step = backoff.full_jitter(next(waits))
+    return step if retry_after is None else max(step, min(retry_after, cap))
 
 
 def backoff_steps(base: float, cap: float) -> Iterator[float]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import backoff
 import pytest
 
 from image_gen_async import ProtocolError, ServerError, TransportError
 from image_gen_async._classify import Failure, Verdict, classify_create, classify_download, classify_poll
-from image_gen_async._retry import Retry, RetryBudget, retrying
+from image_gen_async._retry import Retry, RetryBudget, next_wait, retrying
 from image_gen_async.providers import CODECS, ErrorReport
 
 A, R, U, F, X = Verdict.ACCEPTED, Verdict.RETRY, Verdict.UNCERTAIN, Verdict.FAILED, Verdict.REFUSED
@@ -252,3 +253,20 @@ async def test_retrying_returns_after_a_transient_failure() -> None:
         return answer
 
     assert await retrying(attempt, RetryBudget(2, 0.001, 0.002)) == "ok"
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "wait"),
+    [
+        (None, 2.0),  # no advice: the step
+        (0.0, 2.0),  # "again now": still the step (asked at once, a server would see thousands)
+        (1.0, 2.0),  # advice shorter than the step: the step
+        (5.0, 5.0),  # longer: the advice
+        (50.0, 20.0),  # longer than the cap: the cap
+    ],
+)
+def test_the_wait_is_the_back_off_step_or_longer_advice(
+    monkeypatch: pytest.MonkeyPatch, retry_after: float | None, wait: float
+) -> None:
+    monkeypatch.setattr(backoff, "full_jitter", lambda value: value)  # the step itself, unjittered
+    assert next_wait(iter([2.0]), retry_after, 20.0) == wait

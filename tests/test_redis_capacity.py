@@ -267,6 +267,21 @@ async def test_a_refusal_with_nothing_of_ours_in_flight_pauses_every_process(
     assert loop.time() - asked >= 0.2
 
 
+async def test_a_refusal_advising_no_wait_still_pauses_for_the_gates_own_pause(
+    gates: GateFactory, redis: Redis, gate_key: str
+) -> None:
+    # Retry-After: 0 may lengthen the pause, never shorten it: asked again at once, a server
+    # that refuses every create would be sent thousands.
+    a, b = gates(None, pause=0.3), gates(None, pause=0.3)
+    only = await a.admit(None)
+    a.refused(only, None, 0.0)
+    await until(lambda: _field_is(redis, gate_key, "window", 1))
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    await asyncio.wait_for(b.admit(None), 2)
+    assert loop.time() - asked >= 0.2
+
+
 async def test_a_resumed_task_occupies_a_place_even_over_the_window(
     gates: GateFactory, redis: Redis, gate_key: str
 ) -> None:
