@@ -679,7 +679,12 @@ def usable_task_id(task_id: str) -> bool:
 def checked_snapshot(codec: Codec, snapshot: Snapshot) -> Snapshot:
     """A create's snapshot whose task id can be followed; else the answer is unreadable."""
     if not usable_task_id(snapshot.task_id):
-        raise ProtocolError(f"{codec.name}: the answer's task id is not usable text", field="task id")
+        # Named in the message all the same (its start): the task may exist, and be paid for.
+        raise ProtocolError(
+            f"{codec.name}: the answer's task id is not usable text "
+            f"({len(snapshot.task_id)} characters, starting {snapshot.task_id[:40]!r})",
+            field="task id",
+        )
     return snapshot
 
 

@@ -184,6 +184,24 @@ def test_every_codec_error_body_classifies_by_the_rules(
     assert got is verdict
 
 
+@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"task_id": "abc"}, "abc"),
+        ({"task_id": 12345}, "12345"),  # not the documents' text, but it names the task
+        ({"data": {"id": 7}}, "7"),
+        ({"generationId": 0}, "0"),
+        ({"task_id": True}, None),  # a flag, not an id
+        ({"task_id": 1.5}, None),
+        ({"task_id": ""}, None),
+        ({"task_id": ["a"]}, None),
+    ],
+)
+def test_task_id_of_reads_text_and_whole_numbers(name: str, body: dict[str, Any], named: str | None) -> None:
+    assert CODECS[name].task_id_of(body) == named
+
+
 def test_task_id_of_does_not_recurse_without_end() -> None:
     deep: dict[str, Any] = {"data": {}}
     node = deep["data"]

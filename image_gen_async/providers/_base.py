@@ -253,12 +253,16 @@ class Codec(abc.ABC):
         """Best-effort task id in an answer or callback: top level, ``data`` or a ``*_output``.
 
         Looks ``depth`` levels down at most: a hostile answer can nest ``data`` a thousand deep.
+        A number is taken as its digits: the documents say text, but a server that answers
+        ``12345`` has still named the task, and a paid task must not go unnamed.
         """
         if isinstance(body, Mapping) and depth > 0:
             for key in ("id", "task_id", "generationId"):
                 value = body.get(key)
                 if isinstance(value, str) and value:
                     return value
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return str(value)
             for key, value in body.items():
                 if (key == "data" or str(key).endswith("_output")) and isinstance(value, Mapping):
                     found = self.task_id_of(value, depth - 1)
