@@ -212,6 +212,23 @@ def call_timeout(timeout: object) -> float | None:
     return optional_positive_number("timeout", timeout, error=InvalidRequestError)
 
 
+def callback_url(value: object) -> str | None:
+    """A call's ``webhook_url``: None, or an absolute http(s) URL with a host (a query allowed:
+    it may carry the token). The reason never repeats the URL."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"webhook_url must be a str, got a {type(value).__name__}")
+    try:
+        url = URL(value)
+        usable = url.scheme in ("http", "https") and bool(url.host)
+    except (ValueError, TypeError):
+        usable = False
+    if not usable:
+        raise InvalidRequestError("webhook_url must be an absolute http(s) URL with a host")
+    return value
+
+
 def origin_problem(value: object) -> str | None:
     """Why ``value`` is not an http(s) origin (a path prefix allowed), or None.
 

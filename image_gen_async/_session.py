@@ -180,8 +180,7 @@ class ProviderClient:
         if stream:
             request = self._stream_request(target, model, prompt, params, webhook or webhook_url is not None)
         else:
-            if webhook:
-                webhook_url = await self._callback_url(webhook, webhook_url)
+            webhook_url = await self._callback_url(webhook, webhook_url)
             request = target.codec.submit_request(model, prompt, params, webhook_url=webhook_url, sync=False)
         created, traced = await self._create(
             target, model, request, timeout, before_send=before_create, stream=stream
@@ -247,7 +246,7 @@ class ProviderClient:
 
     async def _callback_url(self, webhook: bool, webhook_url: str | None) -> str | None:
         if not webhook:
-            return webhook_url
+            return _config.callback_url(webhook_url)
         if webhook_url is not None:
             raise InvalidRequestError("pass webhook=True or webhook_url, not both")
         if not self._target.codec.has_webhooks:

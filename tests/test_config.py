@@ -300,6 +300,28 @@ async def test_submit_with_a_bad_timeout_sends_nothing(
 
 
 @pytest.mark.parametrize(
+    "url", [5, b"https://hooks.example/cb", "not a url", "ftp://hooks.example/cb", "/cb", "https://"]
+)
+async def test_a_bad_webhook_url_sends_nothing(
+    session: AsyncSession, emulator: Emulator, url: object
+) -> None:
+    for name in ("get3w", "get3w_v3", "dh3"):
+        with pytest.raises(InvalidRequestError, match="webhook_url"):
+            await session.client(name).submit(MODELS[name], prompt="a fox", webhook_url=url)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="webhook_url"):
+            await session.client(name).generate(MODELS[name], prompt="a fox", webhook_url=url)  # type: ignore[arg-type]
+    assert sum(emulator.stats.create_requests.values()) == 0
+
+
+async def test_nananobanana_params_cannot_replace_the_calls_model(
+    session: AsyncSession, emulator: Emulator
+) -> None:
+    with pytest.raises(InvalidRequestError, match="selectedModel"):
+        await session.nananobanana.submit(MODELS["nananobanana"], prompt="a fox", selectedModel="another")
+    assert sum(emulator.stats.create_requests.values()) == 0
+
+
+@pytest.mark.parametrize(
     ("arguments", "named"),
     [
         ({"timeout": -1}, "timeout"),

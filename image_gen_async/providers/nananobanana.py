@@ -109,6 +109,10 @@ class NananobananaCodec(Codec):
         fields = merge_params(self.name, params, PARAM_ALIASES)
         if "mode" in fields:
             raise InvalidRequestError("nananobanana: mode is chosen by submit() and generate()")
+        for chosen in ("selectedModel", "prompt"):
+            if chosen in fields:
+                # The call's own model and prompt (checked) are what is sent, and what the handle names.
+                raise InvalidRequestError(f"nananobanana: {chosen} is given as the call's model and prompt")
         body = {"prompt": require_prompt(self.name, prompt), "selectedModel": model}
         return HttpRequest("POST", "/api/v1/generate", {}, body | fields | {"mode": mode}, accept=accept)
 
