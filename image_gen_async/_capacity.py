@@ -25,6 +25,7 @@ import logging
 from collections import deque
 from typing import Any, Protocol
 
+from ._retry import heeding
 from .errors import AdmissionTimeoutError, APIError, ImageGenError
 
 log = logging.getLogger("image_gen_async")
@@ -231,9 +232,7 @@ class LocalGate:
         if ours <= 0 or window <= 0:
             # Nothing of ours holds the key's capacity: others do. Wait, then try one again.
             loop = asyncio.get_running_loop()
-            # The server's advice may make the pause longer, never shorter than our own.
-            advice = 0.0 if retry_after is None else min(retry_after, self._max_pause)
-            pause = max(self._pause, advice)
+            pause = heeding(self._pause, retry_after, self._max_pause)
             self._pause = min(self._max_pause, self._pause * 2)
             self._paused_until = max(self._paused_until, loop.time() + pause)
             self._arm_wake()

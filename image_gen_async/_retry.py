@@ -46,12 +46,17 @@ class RetryBudget:
     cap: float
 
 
+def heeding(own: float, retry_after: float | None, cap: float) -> float:
+    """Our own wait, or the server's advice (capped) if it is longer: never shorter. (A server
+    answering ``Retry-After: 0`` to every try would otherwise be asked thousands of times a
+    second.) The capacity gate's pause follows the same rule, as does its Redis script."""
+    return own if retry_after is None else max(own, min(retry_after, cap))
+
+
 def next_wait(waits: Iterator[float], retry_after: float | None, cap: float) -> float:
-    """The wait before the next attempt: the next jittered step, or the server's advice
-    (capped) if it is longer. (A server answering ``Retry-After: 0`` to every try would
-    otherwise be asked thousands of times a second; the steps still grow while it does.)"""
-    step = backoff.full_jitter(next(waits))
-    return step if retry_after is None else max(step, min(retry_after, cap))
+    """The wait before the next attempt: the next jittered step, heeding the server's advice
+    (the steps still grow while it says 0)."""
+    return heeding(backoff.full_jitter(next(waits)), retry_after, cap)
 
 
 def backoff_steps(base: float, cap: float) -> Iterator[float]:

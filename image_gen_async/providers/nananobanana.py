@@ -41,6 +41,13 @@ from ._base import (
 )
 
 PARAM_ALIASES = {"image_urls": "referenceImageUrls", "aspect_ratio": "aspectRatio"}
+# Body fields the call itself sets, never a parameter: the handle names the call's model, and
+# its prompt is the one checked.
+CHOSEN_BY_THE_CALL = {
+    "mode": "is chosen by submit() and generate()",
+    "selectedModel": "is the call's model argument",
+    "prompt": "is the call's prompt argument",
+}
 
 
 @attrs.frozen
@@ -107,12 +114,9 @@ class NananobananaCodec(Codec):
         self, model: str, prompt: str, params: Mapping[str, Any], mode: str, accept: str | None = None
     ) -> HttpRequest:
         fields = merge_params(self.name, params, PARAM_ALIASES)
-        if "mode" in fields:
-            raise InvalidRequestError("nananobanana: mode is chosen by submit() and generate()")
-        for chosen in ("selectedModel", "prompt"):
-            if chosen in fields:
-                # The call's own model and prompt (checked) are what is sent, and what the handle names.
-                raise InvalidRequestError(f"nananobanana: {chosen} is given as the call's model and prompt")
+        for field, chosen in CHOSEN_BY_THE_CALL.items():
+            if field in fields:
+                raise InvalidRequestError(f"nananobanana: {field} {chosen}")
         body = {"prompt": require_prompt(self.name, prompt), "selectedModel": model}
         return HttpRequest("POST", "/api/v1/generate", {}, body | fields | {"mode": mode}, accept=accept)
 
