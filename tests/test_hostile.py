@@ -95,33 +95,30 @@ async def test_a_5xx_is_uncertain_whatever_its_body_says(
 
 
 @pytest.mark.parametrize(
-    ("status", "body"),
+    ("status", "body", "task_id", "named"),
     [
-        (200, {"code": 200, "message": "ok", "task_id": 12345}),  # accepted, but not as text
-        (409, {"code": 409, "message": "duplicate", "task_id": 12345}),  # an error naming the task
+        # Accepted, but the id is not text; an error naming the task: resume() can follow it.
+        (200, {"code": 200, "message": "ok", "task_id": 12345}, "12345", ""),
+        (409, {"code": 409, "message": "duplicate", "task_id": 12345}, "12345", ""),
+        # Too long to follow, but named in the message.
+        (200, {"code": 200, "message": "ok", "task_id": "T" * 2000}, None, "2000 characters, starting 'TTTT"),
     ],
 )
-async def test_a_task_id_given_as_a_number_is_named_on_the_uncertain_error(
-    make_session: SessionFactory, odd_server: Any, status: int, body: dict[str, Any]
+async def test_an_odd_task_id_is_still_named_on_the_uncertain_error(
+    make_session: SessionFactory,
+    odd_server: Any,
+    status: int,
+    body: dict[str, Any],
+    task_id: str | None,
+    named: str,
 ) -> None:
     create = Counted(body, status=status)
     url = await odd_server({"POST /api/v1/task/create": create})
     session = make_session(base_urls={"dh3": url})
     with pytest.raises(SubmitUncertainError) as caught:
         await session.dh3.submit(DH3_MODEL, prompt="a fox")
-    assert (create.calls, caught.value.task_id) == (1, "12345")  # resume() can follow it
-
-
-async def test_an_unusable_task_id_is_still_named_in_the_uncertain_error(
-    make_session: SessionFactory, odd_server: Any
-) -> None:
-    create = Counted({"code": 200, "message": "ok", "task_id": "T" * 2000})
-    url = await odd_server({"POST /api/v1/task/create": create})
-    session = make_session(base_urls={"dh3": url})
-    with pytest.raises(SubmitUncertainError) as caught:
-        await session.dh3.submit(DH3_MODEL, prompt="a fox")
-    assert create.calls == 1 and caught.value.task_id is None  # too long to follow, but named:
-    assert "2000 characters, starting 'TTTT" in str(caught.value)
+    assert (create.calls, caught.value.task_id) == (1, task_id)
+    assert named in str(caught.value)
 
 
 @pytest.mark.parametrize("how", ["cancel", "wait_for"])
